@@ -1,0 +1,149 @@
+"""PaddleClas glue: the only module that imports PaddleClas.
+
+The ``paddleclas`` wheel (2.6.0) ships ``ppcls.arch``, ``ppcls.utils`` and
+``deploy/python`` under the ``paddleclas`` package. A PaddleClas source
+checkout puts ``ppcls`` on ``sys.path`` as a top-level package instead, so the
+checkout's copy is used when it is importable and the wheel's otherwise.
+Everything else in ``paddleclas_mc`` works on any ``paddle.nn.Layer``.
+"""
+
+import importlib
+import os
+
+import paddle
+
+__all__ = [
+    "build_model",
+    "create_preprocess_ops",
+    "get_logger",
+    "load_pretrained",
+    "parse_config_file",
+    "Topk",
+]
+
+
+def _import_ppcls(submodule):
+    """Import ``ppcls.<submodule>`` from a source checkout, else from the wheel."""
+    try:
+        return importlib.import_module("ppcls." + submodule)
+    except ImportError:
+        return importlib.import_module("paddleclas.ppcls." + submodule)
+
+
+def get_logger():
+    """Return PaddleClas's logger module (``info``, ``warning``, ``error``).
+
+    The logger is set up on first use, so library calls log even when no
+    tool called ``init_logger``.
+    """
+    logger = _import_ppcls("utils.logger")
+    if logger._logger is None:
+        logger.init_logger()
+    return logger
+
+
+def init_logger(log_file=None):
+    """Set up PaddleClas's logger; ``log_file`` also receives every record."""
+    logger = get_logger()
+    logger.init_logger(log_file=log_file)
+    return logger
+
+
+def parse_config_file(path):
+    """Read a PaddleClas YAML config into PaddleClas's ``AttrDict``."""
+    return _import_ppcls("utils.config").parse_config(path)
+
+
+def print_config(config):
+    """Log the resolved config the way PaddleClas's tools do at start-up."""
+    _import_ppcls("utils.config").print_config(config)
+
+
+def build_model(config):
+    """Build the network described by ``config["Arch"]`` with PaddleClas's builder."""
+    arch = _import_ppcls("arch")
+    return arch.build_model(config, mode="eval")
+
+
+def load_pretrained(model, path):
+    """Load a PaddleClas checkpoint (``<path>.pdparams``) into ``model``.
+
+    PaddleClas's own loader only warns when a parameter is missing or has the
+    wrong shape and leaves it randomly initialised. That would give confident
+    nonsense, so every mismatch is raised here instead.
+
+    Raises:
+        FileNotFoundError: when ``<path>.pdparams`` does not exist.
+        ValueError: when the checkpoint does not fit the model.
+    """
+    file_path = path if path.endswith(".pdparams") else path + ".pdparams"
+    if not os.path.isfile(file_path):
+        raise FileNotFoundError(
+            f"Global.pretrained_model: checkpoint {file_path!r} not found. "
+            "Set it to the checkpoint prefix that PaddleClas saved, without "
+            "the .pdparams suffix.")
+
+    state = paddle.load(file_path)
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(state))
+    wrong_shape = [(key, list(state[key].shape), list(value.shape))
+                   for key, value in expected.items()
+                   if key in state and list(state[key].shape) != list(value.shape)]
+    if missing or wrong_shape:
+        details = []
+        if missing:
+            details.append(f"{len(missing)} parameters missing, e.g. {missing[:3]}")
+        if wrong_shape:
+            key, got, want = wrong_shape[0]
+            details.append(f"{len(wrong_shape)} with the wrong shape, e.g. {key}: "
+                           f"checkpoint {got}, model {want}")
+        raise ValueError(
+            f"Global.pretrained_model: checkpoint {file_path!r} does not fit "
+            f"Arch ({'; '.join(details)}). Check Arch.name and Arch.class_num "
+            "against the config the checkpoint was trained with.")
+
+    model.set_state_dict(state)
+    return file_path
+
+
+def create_preprocess_ops(op_configs):
+    """Build PaddleClas's inference preprocessing ops from an op list.
+
+    Args:
+        op_configs: list of one-key dicts, as in ``Infer.transforms``,
+            for example ``[{"ResizeImage": {"resize_short": 256}}]``.
+
+    Returns:
+        A list of callables, each taking and returning an image array.
+    """
+    preprocess = importlib.import_module("paddleclas.deploy.python.preprocess")
+    return preprocess.create_operators(op_configs)
+
+
+def preprocess_op_names():
+    """Return the names of the image preprocessing ops the wheel provides.
+
+    Exception classes, the ``UnifiedResize`` helper inside ``ResizeImage`` and
+    the detection ops (``Det*``, which take an ``(image, info)`` pair) are left
+    out, since none of them works as an ``Infer.transforms`` entry.
+    """
+    preprocess = importlib.import_module("paddleclas.deploy.python.preprocess")
+    names = []
+    for name, value in vars(preprocess).items():
+        if not isinstance(value, type) or not name[0].isupper():
+            continue
+        if issubclass(value, Exception) or name == "UnifiedResize" or name.startswith("Det"):
+            continue
+        names.append(name)
+    return sorted(names)
+
+
+def Topk(topk=1, label_list=None):  # noqa: N802 - named after PaddleClas's class
+    """Return PaddleClas's deploy ``Topk`` postprocess, which takes probabilities.
+
+    ``label_list`` maps a class id to its name. PaddleClas's training-side
+    ``Topk`` applies softmax to logits first, so feeding softmax probabilities
+    to this one gives the same ``class_ids``, ``scores`` and ``label_names``.
+    """
+    postprocess = importlib.import_module("paddleclas.deploy.python.postprocess")
+    return postprocess.Topk(topk=topk, label_list=label_list)
