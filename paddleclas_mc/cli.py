@@ -9,6 +9,7 @@ __all__ = ["main"]
 
 _DESCRIPTIONS = {
     "infer": "Monte Carlo Dropout inference for a PaddleClas model",
+    "eval": "single-pass and Monte Carlo Dropout evaluation of a PaddleClas model",
 }
 
 
@@ -19,11 +20,14 @@ def _run(command, args):
     if command == "infer":
         from .engine import run_infer
         run_infer(config, config_path=args.config)
+    elif command == "eval":
+        from .evaluation import run_eval
+        run_eval(config, config_path=args.config)
     return logger
 
 
 def main(argv=None):
-    """Run ``infer`` with PaddleClas's ``-c`` and ``-o`` flags.
+    """Run ``infer`` or ``eval`` with PaddleClas's ``-c`` and ``-o`` flags.
 
     Configuration errors are printed as one line naming the key and the fix,
     with exit status 2, instead of a traceback.

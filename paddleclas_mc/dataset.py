@@ -421,18 +421,19 @@ class ImageFolderDataset(paddle.io.Dataset):
             PaddleClas lacks, or has parameters the op rejects.
     """
 
-    def __init__(self, paths, transform_ops):
+    def __init__(self, paths, transform_ops, config_key="Infer.transforms"):
         super().__init__()
         self.paths = list(paths)
+        self.config_key = config_key
 
-        entries = _parse_transform_entries(transform_ops)
+        entries = _parse_transform_entries(transform_ops, config_key)
         self.decode_params = {"to_rgb": True, "channel_first": False, "backend": "cv2"}
         if entries and entries[0][0] == "DecodeImage":
-            self.decode_params.update(_parse_decode_params(entries[0][1]))
+            self.decode_params.update(_parse_decode_params(entries[0][1], config_key))
             entries = entries[1:]
 
         self.op_names = [op_name for op_name, _ in entries]
-        self.ops = _build_preprocess_ops(entries)
+        self.ops = _build_preprocess_ops(entries, config_key)
 
     def __len__(self):
         return len(self.paths)
@@ -473,7 +474,7 @@ class ImageFolderDataset(paddle.io.Dataset):
             return np.ascontiguousarray(np.asarray(image), dtype=np.float32)
         except (TypeError, ValueError) as exc:
             raise _RecordError(_error_message(
-                path, f"Infer.transforms output is not a numeric array ({exc})")) from exc
+                path, f"{self.config_key} output is not a numeric array ({exc})")) from exc
 
 
 class _RecordError(Exception):
@@ -490,49 +491,49 @@ def _describe_read_error(error):
     return f"read failed ({error})"
 
 
-def _parse_transform_entries(transform_ops):
+def _parse_transform_entries(transform_ops, config_key):
     """Check the shape of ``Infer.transforms`` and return ``[(op_name, params), ...]``."""
     if transform_ops is None:
         return []
     if not isinstance(transform_ops, (list, tuple)):
         raise ValueError(
-            "Infer.transforms must be a list of one-key mappings such as "
+            f"{config_key} must be a list of one-key mappings such as "
             f"[{{'ResizeImage': {{'resize_short': 256}}}}], got {transform_ops!r}.")
 
     entries = []
     for position, entry in enumerate(transform_ops):
         if not isinstance(entry, dict) or len(entry) != 1:
             raise ValueError(
-                f"Infer.transforms[{position}] must be a one-key mapping such as "
+                f"{config_key}[{position}] must be a one-key mapping such as "
                 f"{{'ResizeImage': {{'resize_short': 256}}}}, got {entry!r}.")
         op_name, params = next(iter(entry.items()))
         if params is None:
             params = {}
         if not isinstance(params, dict):
             raise ValueError(
-                f"Infer.transforms[{position}]: the parameters of {op_name} must be "
+                f"{config_key}[{position}]: the parameters of {op_name} must be "
                 f"a mapping or empty, got {params!r}.")
         if op_name == "DecodeImage" and position != 0:
             raise ValueError(
-                f"Infer.transforms: DecodeImage is at position {position}, but it "
+                f"{config_key}: DecodeImage is at position {position}, but it "
                 "must be the first op because every other op works on decoded pixels.")
         entries.append((op_name, dict(params)))
     return entries
 
 
-def _parse_decode_params(params):
+def _parse_decode_params(params, config_key):
     """Check the ``DecodeImage`` parameters and return the ``decode_image`` keyword arguments."""
     unknown = sorted(set(params) - set(DECODE_IMAGE_KEYS))
     if unknown:
         raise ValueError(
-            f"Infer.transforms: DecodeImage has unknown parameters {unknown}. "
+            f"{config_key}: DecodeImage has unknown parameters {unknown}. "
             f"Accepted parameters: {', '.join(DECODE_IMAGE_KEYS)}.")
 
     decode_params = {}
     for key in ("to_rgb", "channel_first", "to_np"):
         if key in params and not isinstance(params[key], bool):
             raise ValueError(
-                f"Infer.transforms: DecodeImage.{key} must be true or false, "
+                f"{config_key}: DecodeImage.{key} must be true or false, "
                 f"got {params[key]!r}.")
         if key in params and key != "to_np":
             decode_params[key] = params[key]
@@ -540,7 +541,7 @@ def _parse_decode_params(params):
     if "backend" in params:
         if params["backend"] not in DECODE_BACKENDS:
             raise ValueError(
-                f"Infer.transforms: DecodeImage.backend must be one of "
+                f"{config_key}: DecodeImage.backend must be one of "
                 f"{', '.join(DECODE_BACKENDS)}, got {params['backend']!r}.")
         decode_params["backend"] = params["backend"]
     return decode_params
@@ -551,13 +552,13 @@ def supported_op_names():
     return integration.preprocess_op_names()
 
 
-def _build_preprocess_ops(entries):
+def _build_preprocess_ops(entries, config_key):
     """Build PaddleClas's preprocessing ops for ``[(op_name, params), ...]``."""
     supported = supported_op_names()
     for op_name, _ in entries:
         if op_name not in supported:
             raise ValueError(
-                f"Infer.transforms: unknown op {op_name!r}, which the installed "
+                f"{config_key}: unknown op {op_name!r}, which the installed "
                 f"PaddleClas does not provide. Supported ops: {', '.join(supported)}.")
 
     ops = []
@@ -568,7 +569,7 @@ def _build_preprocess_ops(entries):
             # The op constructors raise TypeError for unknown keywords and
             # AssertionError or ValueError for invalid values.
             raise ValueError(
-                f"Infer.transforms: cannot build {op_name} with parameters {params} "
+                f"{config_key}: cannot build {op_name} with parameters {params} "
                 f"({type(exc).__name__}: {exc}). Check the parameter names and values.") from exc
     return ops
 
@@ -583,7 +584,8 @@ def collate_records(items):
         A dict with ``"images"``: float32 array ``[n_good, ...]`` (shape
         ``[0]`` when no item has an image), ``"indices"``: int64 array
         ``[n_good]`` of the dataset indices of those images, and ``"errors"``:
-        a list of ``[index, message]`` for the failed items.
+        a list of ``[index, message]`` for the failed items. Items with a
+        ``"label"`` add ``"labels"``: int64 ``[n_good]``.
 
     Raises:
         ValueError: when the images of the batch differ in shape, so they
@@ -598,8 +600,12 @@ def collate_records(items):
     else:
         images = np.zeros((0,), dtype=np.float32)
     indices = np.array([item["index"] for item in good], dtype=np.int64)
+    batch = {"images": images, "indices": indices, "errors": errors}
 
-    return {"images": images, "indices": indices, "errors": errors}
+    # Labelled datasets add a class id to every item; it follows its image.
+    if items and "label" in items[0]:
+        batch["labels"] = np.array([item["label"] for item in good], dtype=np.int64)
+    return batch
 
 
 def _check_same_shape(items):

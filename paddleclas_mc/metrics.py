@@ -35,6 +35,7 @@ import numpy as np
 
 __all__ = [
     "Brier",
+    "binary_auroc",
     "CalibrationError",
     "METRICS",
     "Metric",
@@ -712,6 +713,25 @@ def _auroc(scores, positive):
     rank_sum = float(np.sum(_average_ranks(scores)[positive]))
     u_statistic = rank_sum - positive_count * (positive_count + 1) / 2.0
     return u_statistic / (positive_count * negative_count)
+
+
+def binary_auroc(scores, positive):
+    """Compute the AUROC of ``scores`` for telling ``positive`` samples from the rest.
+
+    Ties count 1/2, as in ``sklearn.metrics.roc_auc_score``.
+
+    Args:
+        scores: Float ``[num_samples]``, higher meaning more likely positive.
+        positive: Bool ``[num_samples]``.
+
+    Returns:
+        The AUROC in [0, 1], or NaN when only one class is present.
+    """
+    positive = np.asarray(positive, dtype=bool)
+    scores = _validate_float_vector(scores, positive.size, "scores")
+    if positive.ndim != 1:
+        raise ValueError(f"positive must be a bool array [num_samples], got shape {positive.shape}.")
+    return _auroc(scores, positive)
 
 
 def _average_precision(scores, positive):

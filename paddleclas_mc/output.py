@@ -101,17 +101,30 @@ def build_records(probs, file_names, topk, class_id_map=None, measures=None):
     return records
 
 
+def _replace_non_finite(obj):
+    if isinstance(obj, float) and not np.isfinite(obj):
+        return None
+    if isinstance(obj, dict):
+        return {key: _replace_non_finite(value) for key, value in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_replace_non_finite(value) for value in obj]
+    return obj
+
+
 def write_json_atomic(path, obj):
     """Write ``obj`` as JSON to ``path`` through a temporary file and a rename.
 
     A reader sees the old file or the new one, never a half-written one.
+    NaN and infinite floats (an AUROC with one class present, say) are
+    written as ``null``, since strict JSON has no NaN.
     """
+    obj = _replace_non_finite(obj)
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
     handle, temp_path = tempfile.mkstemp(dir=folder, suffix=".tmp")
     try:
         with os.fdopen(handle, "w", encoding="utf-8") as file:
-            json.dump(obj, file, ensure_ascii=False, indent=2)
+            json.dump(obj, file, ensure_ascii=False, indent=2, allow_nan=False)
         os.replace(temp_path, path)
     except BaseException:
         if os.path.exists(temp_path):

@@ -21,6 +21,9 @@ __all__ = [
 
 _HISTOGRAM_BINS = 30
 
+# Panels per row of the histogram figure; more measures wrap to a new row.
+_HISTOGRAM_COLUMNS = 3
+
 
 def _new_figure(width, height):
     """Return a Figure of ``width`` x ``height`` inches on its own Agg canvas."""
@@ -171,8 +174,13 @@ def plot_uncertainty_histograms(values_by_measure, correct_flags, path):
         raise ValueError("plot_uncertainty_histograms needs at least one measure.")
 
     panel_count = len(values_by_measure)
-    figure = _new_figure(4.0 * panel_count, 3.8)
-    axes = figure.subplots(1, panel_count, squeeze=False)[0]
+    columns = min(panel_count, _HISTOGRAM_COLUMNS)
+    rows = -(-panel_count // columns)
+    figure = _new_figure(4.0 * columns, 3.4 * rows)
+    grid = figure.subplots(rows, columns, squeeze=False)
+    axes = grid.ravel()
+    for unused in axes[panel_count:]:
+        unused.set_visible(False)
 
     for axis, (name, values) in zip(axes, values_by_measure.items()):
         flags = correct_flags[name] if isinstance(correct_flags, dict) else correct_flags
@@ -195,6 +203,7 @@ def plot_uncertainty_histograms(values_by_measure, correct_flags, path):
         axis.set_xlabel("Uncertainty")
         axis.legend(fontsize="small")
 
-    axes[0].set_ylabel("Density")
+    for row in grid:
+        row[0].set_ylabel("Density")
     figure.suptitle("Uncertainty of correct and wrong predictions")
     return _save_figure(figure, path)

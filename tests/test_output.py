@@ -70,3 +70,8 @@ def test_write_json_atomic_leaves_no_temp_file(tmp_path):
     write_json_atomic(str(tmp_path / "summary.json"), {"images": 3})
     assert [p.name for p in tmp_path.iterdir()] == ["summary.json"]
     assert json.loads((tmp_path / "summary.json").read_text())["images"] == 3
+
+
+def test_write_json_atomic_nan_as_null(tmp_path):
+    write_json_atomic(str(tmp_path / "m.json"), {"auroc": float("nan"), "runs": [float("inf"), 1.0]})
+    assert json.loads((tmp_path / "m.json").read_text()) == {"auroc": None, "runs": [None, 1.0]}

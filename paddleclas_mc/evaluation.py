@@ -1,0 +1,214 @@
+"""Single-pass and MC Dropout evaluation from one run, the work behind ``tools/eval.py``.
+
+Every batch of ``DataLoader.Eval`` goes through the single pass and, when
+``MCDropout.enable`` is true, through T stochastic passes. Each run updates
+its own metric instances, so the report shows what MC Dropout changes on the
+same images. An image that cannot be read is counted and listed in
+``metrics.json``, and scored by neither run.
+"""
+
+import dataclasses
+import os
+import time
+
+import numpy as np
+from prettytable import PrettyTable
+from tqdm import tqdm
+
+from . import integration
+from .config import parse_mc_section
+from .engine import amp_level, batch_seed, build_inference_model, set_device
+from .labelled_dataset import build_eval_loader
+from .metrics import (Brier, CalibrationError, MisclassificationDetection, NLL,
+                      SelectivePrediction, TopkAcc, build_metrics)
+from .output import write_json_atomic
+from .plots import plot_reliability_diagram, plot_risk_coverage, plot_uncertainty_histograms
+from .sampling import MCSampler, resolve_strategy, single_pass
+from .uncertainty import entropy, summarize_samples
+
+__all__ = ["build_run_metrics", "run_eval"]
+
+SINGLE_PASS = "single_pass"
+MC_DROPOUT = "mc_dropout"
+
+# Metrics added to every report when Metric.Eval does not list them.
+_DEFAULT_METRICS = (TopkAcc, NLL, Brier, CalibrationError, MisclassificationDetection,
+                    SelectivePrediction)
+
+
+def build_run_metrics(config):
+    """Build one run's metrics: ``Metric.Eval`` plus the defaults it leaves out.
+
+    Returns:
+        A list of ``Metric``. Listing a metric in ``Metric.Eval`` sets its
+        arguments, e.g. ``- CalibrationError: {n_bins: 10}``.
+    """
+    listed = ((config.get("Metric") or {}).get("Eval")) or []
+    try:
+        metrics = build_metrics(listed)
+    except ValueError as error:
+        raise ValueError(f"Metric.Eval: {error}") from None
+    present = {type(metric) for metric in metrics}
+    metrics += [metric_type() for metric_type in _DEFAULT_METRICS if metric_type not in present]
+    return metrics
+
+
+def single_pass_uncertainty(probs):
+    """Uncertainty of one deterministic pass: entropy and least confidence, each ``[batch_size]``."""
+    return {"predictive_entropy": entropy(probs), "least_confidence": 1.0 - probs.max(axis=1)}
+
+
+@dataclasses.dataclass
+class _Run:
+    name: str
+    metrics: list
+
+
+def _update(run, probs, labels, uncertainty):
+    for metric in run.metrics:
+        metric.update(probs, labels, uncertainty)
+
+
+def _find(run, metric_type):
+    return next(metric for metric in run.metrics if isinstance(metric, metric_type))
+
+
+def _results(run):
+    results = {}
+    for metric in run.metrics:
+        results.update(metric.compute())
+    return results
+
+
+def _format(value):
+    if isinstance(value, (int, np.integer)):
+        return str(value)
+    return "nan" if np.isnan(value) else f"{value:.4f}"
+
+
+def format_table(results_by_run, n_bins):
+    """Return the printed comparison table: one row per metric, one column per run."""
+    table = PrettyTable()
+    names = list(results_by_run)
+    table.field_names = ["metric"] + names
+    keys = []
+    for results in results_by_run.values():
+        keys += [key for key in results if key not in keys and key != "n_bins"]
+    for key in keys:
+        label = f"{key} ({n_bins} bins)" if key in ("ece", "mce") else key
+        table.add_row([label] + [_format(results_by_run[name][key])
+                                 if key in results_by_run[name] else "-" for name in names])
+    table.align = "r"
+    table.align["metric"] = "l"
+    return table.get_string()
+
+
+def _write_plots(runs, output_dir, mc_label):
+    labels = {SINGLE_PASS: "single pass", MC_DROPOUT: mc_label}
+    calibration = {labels[run.name]: _find(run, CalibrationError) for run in runs}
+    curves = {labels[run.name]: _find(run, SelectivePrediction).curve() for run in runs}
+    paths = [
+        plot_reliability_diagram(calibration, os.path.join(output_dir, "reliability_diagram.png")),
+        plot_risk_coverage(curves, os.path.join(output_dir, "risk_coverage.png")),
+    ]
+
+    detection = _find(runs[-1], MisclassificationDetection).state()
+    values = {key.split("/", 1)[1]: value for key, value in detection.items()
+              if key.startswith("uncertainty/")}
+    paths.append(plot_uncertainty_histograms(
+        values, detection["correct"], os.path.join(output_dir, "uncertainty_histograms.png")))
+    return paths
+
+
+def run_eval(config, config_path=None):
+    """Evaluate the single pass and, if enabled, MC Dropout on ``DataLoader.Eval``.
+
+    Writes ``metrics.json``, ``reliability_diagram.png``, ``risk_coverage.png``
+    and ``uncertainty_histograms.png`` under ``Global.output_dir`` and logs
+    the comparison table.
+
+    Args:
+        config: a PaddleClas config (dict), with ``-o`` overrides applied.
+        config_path: the config file, recorded in ``metrics.json``.
+
+    Returns:
+        The dict written to ``metrics.json``.
+    """
+    logger = integration.get_logger()
+    started = time.time()
+
+    mc = parse_mc_section(config)
+    device = set_device(config)
+    amp = amp_level(config)
+    runs = [_Run(SINGLE_PASS, build_run_metrics(config))]
+    if mc.enable:
+        runs.append(_Run(MC_DROPOUT, build_run_metrics(config)))
+    output_dir = (config.get("Global") or {}).get("output_dir") or "./output/"
+    model = build_inference_model(config)
+
+    sampler = None
+    strategy = None
+    if mc.enable:
+        sampler = MCSampler(model, mc.samples, mc.strategy, mc.max_batch,
+                            mc.drop_path, mc.functional_dropout, amp)
+    loader, dataset = build_eval_loader(config)
+    if sampler is not None:
+        batch_size = ((config["DataLoader"]["Eval"].get("sampler")) or {}).get("batch_size", 64)
+        strategy, reason = resolve_strategy(mc.strategy, batch_size,
+                                            mc.max_batch)
+        logger.info(f"MC Dropout: T={mc.samples}, strategy={strategy} ({reason}), "
+                    f"seed={mc.seed}, device={device}")
+    logger.info(f"Evaluating {len(dataset)} images: single pass"
+                + (f" and MC Dropout (T={mc.samples})" if mc.enable else ""))
+
+    failed = []
+    progress = tqdm(loader, total=len(loader), desc="eval", unit="batch", disable=None)
+    for batch_index, batch in enumerate(progress):
+        for index, message in batch["errors"]:
+            failed.append({"file_name": dataset.paths[int(index)], "error": message})
+            logger.warning(f"Not scored {dataset.paths[int(index)]}: {message}")
+        if not len(batch["indices"]):
+            continue
+
+        images = batch["images"]
+        labels = batch["labels"].numpy()
+        probs = single_pass(model, images, amp).astype(np.float64)
+        _update(runs[0], probs, labels, single_pass_uncertainty(probs))
+        if sampler is not None:
+            mean, measures = summarize_samples(
+                sampler.sample(images, seed=batch_seed(mc.seed, batch_index)))
+            measures.update(least_confidence=1.0 - mean.max(axis=1))
+            _update(runs[1], mean, labels, measures)
+
+    evaluated = len(dataset) - len(failed)
+    if evaluated == 0:
+        raise ValueError("DataLoader.Eval: no image could be read, so there is nothing to "
+                         f"evaluate; the first error: {failed[0]['error'] if failed else '-'}")
+
+    results = {run.name: _results(run) for run in runs}
+    n_bins = _find(runs[0], CalibrationError).n_bins
+    report = {
+        "config": config_path,
+        "model": (config.get("Arch") or {}).get("name"),
+        "checkpoint": (config.get("Global") or {}).get("pretrained_model"),
+        "images": len(dataset),
+        "evaluated": evaluated,
+        "failed": len(failed),
+        "samples": mc.samples if mc.enable else None,
+        "seed": mc.seed if mc.enable else None,
+        "strategy": strategy,
+        "device": device,
+        "n_bins": n_bins,
+        **results,
+        "wall_time_s": round(time.time() - started, 3),
+        "failed_files": failed,
+    }
+
+    os.makedirs(output_dir, exist_ok=True)
+    metrics_path = os.path.join(output_dir, "metrics.json")
+    write_json_atomic(metrics_path, report)
+    plots = _write_plots(runs, output_dir, f"MC Dropout (T={mc.samples})")
+    logger.info("Evaluation of %d images (%d not readable):\n%s", evaluated, len(failed),
+                format_table(results, n_bins))
+    logger.info(f"Wrote {metrics_path} and {', '.join(plots)}")
+    return report
