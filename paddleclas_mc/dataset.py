@@ -39,6 +39,7 @@ import dataclasses
 import io
 import os
 import re
+import stat
 import warnings
 
 import cv2
@@ -451,6 +452,11 @@ class ImageFolderDataset(paddle.io.Dataset):
     def _load_image(self, path):
         """Read, decode and preprocess one image, raising ``_RecordError`` on failure."""
         try:
+            # A FIFO or a device named like an image (or a symlink to one, such
+            # as /dev/zero) would block or never end, so only regular files are read.
+            file_type = _describe_file_type(os.stat(path).st_mode)
+            if file_type is not None:
+                raise _RecordError(_error_message(path, f"not a regular file ({file_type})"))
             with open(path, "rb") as file:
                 data = file.read()
         except OSError as exc:
@@ -460,15 +466,20 @@ class ImageFolderDataset(paddle.io.Dataset):
             image = decode_image(data, name=path, **self.decode_params)
         except ImageDecodeError as exc:
             raise _RecordError(str(exc)) from exc
+        return self._preprocess(image, path)
 
+    def _preprocess(self, image, path):
+        """Run the ops after ``DecodeImage`` on decoded pixels and return float32."""
         for op_name, op in zip(self.op_names, self.ops):
             try:
                 image = op(image)
             except Exception as exc:
                 # PaddleClas's ops raise bare Exception and AssertionError as
                 # well as ValueError, for example CropImage on a small image.
+                # OpenCV's messages span several lines; records and logs keep one.
+                reason = " ".join(str(exc).split())
                 raise _RecordError(_error_message(
-                    path, f"{op_name} failed ({type(exc).__name__}: {exc})")) from exc
+                    path, f"{op_name} failed ({type(exc).__name__}: {reason})")) from exc
 
         try:
             return np.ascontiguousarray(np.asarray(image), dtype=np.float32)
@@ -476,9 +487,42 @@ class ImageFolderDataset(paddle.io.Dataset):
             raise _RecordError(_error_message(
                 path, f"{self.config_key} output is not a numeric array ({exc})")) from exc
 
+    def probe(self, height=224, width=224):
+        """Preprocess a black ``height`` x ``width`` image without reading a file.
+
+        Returns:
+            The float32 array an image of that size becomes, the same as an item's ``image``.
+
+        Raises:
+            ValueError: when an op fails on it, naming the op.
+        """
+        pixels = np.zeros((height, width, 3), dtype=np.uint8)
+        if self.decode_params["channel_first"]:
+            pixels = pixels.transpose((2, 0, 1))
+        try:
+            return self._preprocess(np.ascontiguousarray(pixels),
+                                    f"a black {height}x{width} test image")
+        except _RecordError as exc:
+            raise ValueError(f"{self.config_key}: {exc}") from None
+
 
 class _RecordError(Exception):
     """A per-image failure that becomes the ``error`` of a dataset item."""
+
+
+def _describe_file_type(mode):
+    """Return what a non-regular file is ("a FIFO", ...), or None for a regular file."""
+    if stat.S_ISREG(mode):
+        return None
+    if stat.S_ISFIFO(mode):
+        return "a FIFO"
+    if stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
+        return "a device"
+    if stat.S_ISSOCK(mode):
+        return "a socket"
+    if stat.S_ISDIR(mode):
+        return "a directory"
+    return "a special file"
 
 
 def _describe_read_error(error):
@@ -620,7 +664,23 @@ def _check_same_shape(items):
                 "Infer.transforms.")
 
 
-def build_loader(dataset, batch_size, num_workers=0):
+class _IndexBatches(paddle.io.BatchSampler):
+    """A batch sampler that yields given lists of dataset indices, in order."""
+
+    def __init__(self, batches, batch_size):  # noqa: D107 - BatchSampler's own init is skipped
+        self.batches = [list(batch) for batch in batches]
+        self.batch_size = batch_size
+        self.shuffle = False
+        self.drop_last = False
+
+    def __iter__(self):
+        return iter([list(batch) for batch in self.batches])
+
+    def __len__(self):
+        return len(self.batches)
+
+
+def build_loader(dataset, batch_size, num_workers=0, batches=None):
     """Build an in-order ``paddle.io.DataLoader`` that batches with ``collate_records``.
 
     Args:
@@ -628,6 +688,9 @@ def build_loader(dataset, batch_size, num_workers=0):
         batch_size: images per batch. The last batch may be smaller.
         num_workers: worker processes for reading and preprocessing. With 0,
             the main process reads the images.
+        batches: lists of dataset indices, one list per batch, to load in
+            place of every item in order. Resuming uses it to load only the
+            batches that are not finished.
 
     Returns:
         A ``paddle.io.DataLoader``. Each batch is the dict from
@@ -642,11 +705,12 @@ def build_loader(dataset, batch_size, num_workers=0):
     if isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 0:
         raise ValueError(f"num_workers must be an integer >= 0, got {num_workers!r}.")
 
+    if batches is None:
+        sampling = {"batch_size": batch_size, "shuffle": False, "drop_last": False}
+    else:
+        sampling = {"batch_sampler": _IndexBatches(batches, batch_size)}
     return paddle.io.DataLoader(
         dataset,
-        batch_size=batch_size,
-        shuffle=False,
-        drop_last=False,
         num_workers=num_workers,
         collate_fn=collate_records,
         # With paddle 3.3.1, the shared-memory transfer from worker processes
@@ -654,4 +718,5 @@ def build_loader(dataset, batch_size, num_workers=0):
         # hangs. A batch of only failed images has such arrays. Without shared
         # memory, batches are pickled through a queue, which is slower.
         use_shared_memory=False,
+        **sampling,
     )

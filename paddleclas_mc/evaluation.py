@@ -16,8 +16,9 @@ from prettytable import PrettyTable
 from tqdm import tqdm
 
 from . import integration
-from .config import parse_mc_section
-from .engine import amp_level, batch_seed, build_inference_model, set_device
+from .config import parse_mc_section, path_value
+from .engine import (amp_level, batch_seed, build_inference_model, printable,
+                     probe_num_classes, set_device)
 from .labelled_dataset import build_eval_loader
 from .metrics import (Brier, CalibrationError, MisclassificationDetection, NLL,
                       SelectivePrediction, TopkAcc, build_metrics)
@@ -26,7 +27,7 @@ from .plots import plot_reliability_diagram, plot_risk_coverage, plot_uncertaint
 from .sampling import MCSampler, resolve_strategy, single_pass
 from .uncertainty import entropy, summarize_samples
 
-__all__ = ["build_run_metrics", "run_eval"]
+__all__ = ["build_run_metrics", "check_labels", "run_eval"]
 
 SINGLE_PASS = "single_pass"
 MC_DROPOUT = "mc_dropout"
@@ -62,11 +63,37 @@ def single_pass_uncertainty(probs):
 class _Run:
     name: str
     metrics: list
+    scored: int = 0
 
 
 def _update(run, probs, labels, uncertainty):
     for metric in run.metrics:
         metric.update(probs, labels, uncertainty)
+    run.scored += len(labels)
+
+
+def _label_source(config):
+    """Return the config key that the class ids of ``DataLoader.Eval`` come from."""
+    dataset = ((config.get("DataLoader") or {}).get("Eval") or {}).get("dataset") or {}
+    if dataset.get("name") == "ImageNetDataset":
+        return "DataLoader.Eval.dataset.cls_label_path"
+    if dataset.get("class_id_map_file"):
+        return "DataLoader.Eval.dataset.class_id_map_file"
+    return "DataLoader.Eval.dataset.image_root (one sub-folder per class)"
+
+
+def check_labels(paths, labels, num_classes, source):
+    """Raise when a class id is outside ``[0, num_classes)``, naming the first such image.
+
+    Raises:
+        ValueError: naming ``source``, the image and its class id.
+    """
+    for path, label in zip(paths, labels):
+        if not 0 <= int(label) < num_classes:
+            raise ValueError(
+                f"{source}: {path} has class id {int(label)}, but the model has "
+                f"{num_classes} classes (ids 0 to {num_classes - 1}). Check that the "
+                "labels and Global.pretrained_model belong to the same dataset.")
 
 
 def _find(run, metric_type):
@@ -143,7 +170,8 @@ def run_eval(config, config_path=None):
     runs = [_Run(SINGLE_PASS, build_run_metrics(config))]
     if mc.enable:
         runs.append(_Run(MC_DROPOUT, build_run_metrics(config)))
-    output_dir = (config.get("Global") or {}).get("output_dir") or "./output/"
+    output_dir = path_value((config.get("Global") or {}).get("output_dir"),
+                            "Global.output_dir") or "./output/"
     model = build_inference_model(config)
 
     sampler = None
@@ -152,27 +180,34 @@ def run_eval(config, config_path=None):
         sampler = MCSampler(model, mc.samples, mc.strategy, mc.max_batch,
                             mc.drop_path, mc.functional_dropout, amp)
     loader, dataset = build_eval_loader(config)
+    label_source = _label_source(config)
+    num_classes = probe_num_classes(model, dataset, amp)
+    if num_classes is not None:
+        check_labels(dataset.paths, dataset.labels, num_classes, label_source)
     if sampler is not None:
-        batch_size = ((config["DataLoader"]["Eval"].get("sampler")) or {}).get("batch_size", 64)
-        strategy, reason = resolve_strategy(mc.strategy, batch_size,
-                                            mc.max_batch)
+        strategy, reason = resolve_strategy(mc.strategy, loader.batch_size, mc.max_batch)
         logger.info(f"MC Dropout: T={mc.samples}, strategy={strategy} ({reason}), "
                     f"seed={mc.seed}, device={device}")
-    logger.info(f"Evaluating {len(dataset)} images: single pass"
-                + (f" and MC Dropout (T={mc.samples})" if mc.enable else ""))
+    logger.info(f"Evaluating {len(dataset)} images in batches of {loader.batch_size}: single "
+                "pass" + (f" and MC Dropout (T={mc.samples})" if mc.enable else ""))
 
     failed = []
     progress = tqdm(loader, total=len(loader), desc="eval", unit="batch", disable=None)
     for batch_index, batch in enumerate(progress):
         for index, message in batch["errors"]:
             failed.append({"file_name": dataset.paths[int(index)], "error": message})
-            logger.warning(f"Not scored {dataset.paths[int(index)]}: {message}")
+            logger.warning(f"Not scored {printable(dataset.paths[int(index)])}: "
+                           f"{printable(message)}")
         if not len(batch["indices"]):
             continue
 
         images = batch["images"]
         labels = batch["labels"].numpy()
         probs = single_pass(model, images, amp).astype(np.float64)
+        if num_classes is None:
+            # The test forward pass failed, so the class ids are checked here.
+            num_classes = probs.shape[1]
+            check_labels(dataset.paths, dataset.labels, num_classes, label_source)
         _update(runs[0], probs, labels, single_pass_uncertainty(probs))
         if sampler is not None:
             mean, measures = summarize_samples(
@@ -194,6 +229,7 @@ def run_eval(config, config_path=None):
         "images": len(dataset),
         "evaluated": evaluated,
         "failed": len(failed),
+        "scored": {run.name: run.scored for run in runs},
         "samples": mc.samples if mc.enable else None,
         "seed": mc.seed if mc.enable else None,
         "strategy": strategy,

@@ -17,6 +17,8 @@ never dropped.
 
 import os
 
+from . import integration
+from .config import path_value
 from .dataset import IMAGE_EXTENSIONS, ImageFolderDataset, build_loader
 from .output import load_class_id_map
 
@@ -45,6 +47,11 @@ class LabelledImageDataset(ImageFolderDataset):
         if item["image"] is not None and item["image"].ndim == 3:
             item["image"] = item["image"].transpose((2, 0, 1)).copy()
         return item
+
+    def probe(self, height=224, width=224):
+        """Preprocess a black test image as ``__getitem__`` does, CHW transpose included."""
+        image = super().probe(height, width)
+        return image.transpose((2, 0, 1)).copy() if image.ndim == 3 else image
 
 
 def read_label_file(path, image_root, delimiter=" ", config_key="cls_label_path"):
@@ -85,7 +92,8 @@ def _read_class_folders(image_root, class_id_map_file, config_key):
 
     if class_id_map_file:
         class_ids = {name: class_id for class_id, name in
-                     load_class_id_map(class_id_map_file).items()}
+                     load_class_id_map(class_id_map_file,
+                                       config_key=f"{config_key}.class_id_map_file").items()}
     else:
         folders = sorted(entry.name for entry in os.scandir(image_root) if entry.is_dir())
         class_ids = {name: class_id for class_id, name in enumerate(folders)}
@@ -128,24 +136,50 @@ def build_eval_loader(config):
         raise ValueError(f"{key}.name: invalid value {name!r}; supported: "
                          f"{', '.join(DATASET_NAMES)}.")
 
-    image_root = dataset_config.get("image_root")
-    if not isinstance(image_root, str) or not image_root:
+    image_root = path_value(dataset_config.get("image_root"), f"{key}.image_root")
+    if image_root is None:
         raise ValueError(f"{key}.image_root: missing; set it to the folder of the images.")
     if name == "ImageNetDataset":
-        label_path = dataset_config.get("cls_label_path")
-        if not isinstance(label_path, str) or not label_path:
+        label_path = path_value(dataset_config.get("cls_label_path"), f"{key}.cls_label_path")
+        if label_path is None:
             raise ValueError(f"{key}.cls_label_path: missing; set it to the label file.")
         paths, labels = read_label_file(label_path, image_root,
                                         dataset_config.get("delimiter") or " ",
                                         f"{key}.cls_label_path")
     else:
-        paths, labels = _read_class_folders(image_root, dataset_config.get("class_id_map_file"),
-                                            key)
+        class_id_map_file = path_value(dataset_config.get("class_id_map_file"),
+                                       f"{key}.class_id_map_file")
+        paths, labels = _read_class_folders(image_root, class_id_map_file, key)
 
     dataset = LabelledImageDataset(paths, labels, dataset_config.get("transform_ops"),
                                    f"{key}.transform_ops")
+    batch_size, num_workers = _loader_settings(section)
+    loader = build_loader(dataset, batch_size, num_workers)
+    return loader, dataset
+
+
+def _loader_settings(section):
+    """Validate ``DataLoader.Eval``'s batch size and workers; return ``(batch_size, num_workers)``.
+
+    PaddleClas's ``drop_last`` and ``shuffle`` are not applied: every image
+    is scored, in file order, so that MC Dropout seeds fall on the same
+    images in every run.
+    """
+    logger = integration.get_logger()
     sampler = section.get("sampler") or {}
     loader_config = section.get("loader") or {}
-    loader = build_loader(dataset, sampler.get("batch_size", 64),
-                          loader_config.get("num_workers", 0))
-    return loader, dataset
+    batch_size = sampler.get("batch_size", 64)
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"DataLoader.Eval.sampler.batch_size: invalid value {batch_size!r}; "
+                         "expected an integer >= 1.")
+    num_workers = loader_config.get("num_workers", 0)
+    if isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 0:
+        raise ValueError(f"DataLoader.Eval.loader.num_workers: invalid value {num_workers!r}; "
+                         "expected an integer >= 0 (0 reads images in the main process).")
+    if sampler.get("drop_last"):
+        logger.warning("DataLoader.Eval.sampler.drop_last is True, but eval scores every "
+                       "image, the last smaller batch included; drop_last is ignored.")
+    if sampler.get("shuffle"):
+        logger.warning("DataLoader.Eval.sampler.shuffle is True, but eval reads images in "
+                       "file order so that results repeat; shuffle is ignored.")
+    return batch_size, num_workers

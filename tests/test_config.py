@@ -1,7 +1,9 @@
+import datetime
+
 import pytest
 
 from paddleclas_mc.config import (apply_overrides, load_config, parse_infer_section,
-                                  parse_mc_section)
+                                  parse_mc_section, path_value)
 
 
 class TestMCSection:
@@ -103,3 +105,46 @@ def test_load_config_with_overrides(tmp_path):
     config = load_config(str(path), ["Global.device=cpu"])
     assert config["Global"]["device"] == "cpu"
     assert config["Normalize"]["scale"] == "1.0/255.0"
+
+
+@pytest.mark.parametrize("raw, expected", [
+    ("50", 50), ("-3", -3), ("0", 0), ("2.5", 2.5), ("1e-3", 0.001), ("True", True),
+    ("false", False), ("null", None), ("~", None), ("", None), ("[1, 5]", [1, 5]),
+    ("{size: 64}", {"size": 64}), ("'010'", "010"),
+    ("0x10", "0x10"), ("010", "010"), ("1_000", "1_000"), ("1:30", "1:30"),
+    ("yes", "yes"), ("off", "off"), ("2024-01-01", "2024-01-01"),
+    ("images/my #1 folder", "images/my #1 folder"), ("a: b", "a: b"),
+    ("[2024-01-01, 0x10]", ["2024-01-01", "0x10"]),
+])
+def test_override_value_types(raw, expected):
+    config = {}
+    apply_overrides(config, [f"Section.key={raw}"])
+    assert config["Section"]["key"] == expected, raw
+
+
+@pytest.mark.parametrize("value, expected", [
+    ("images", "images"), (2024, "2024"), (datetime.date(2024, 1, 1), "2024-01-01"), (None, None),
+])
+def test_path_value_converts(value, expected):
+    assert path_value(value, "Infer.save_dir") == expected
+
+
+@pytest.mark.parametrize("value", [True, 1.5, ["a"], {"a": 1}])
+def test_path_value_rejects(value):
+    with pytest.raises(ValueError, match="Infer.save_dir: invalid value"):
+        path_value(value, "Infer.save_dir")
+
+
+def test_infer_resume_parsed():
+    section = dict(TestInferSection.base["Infer"], save_dir="out", resume=True)
+    assert parse_infer_section({"Infer": section}).resume is True
+    assert parse_infer_section(TestInferSection.base).resume is False
+
+
+def test_infer_unknown_key_warns(caplog):
+    import logging
+    section = dict(TestInferSection.base["Infer"], infer_img="typo/")
+    with caplog.at_level(logging.WARNING):
+        parse_infer_section({"Infer": section})
+    assert "Infer.infer_img is not read" in caplog.text
+    assert "did you mean Infer.infer_imgs?" in caplog.text

@@ -686,3 +686,39 @@ def test_loader_all_failed_batch_workers(tmp_path):
 def test_loader_bad_batch_size_rejected():
     with pytest.raises(ValueError, match="batch_size"):
         build_loader(ImageFolderDataset([], None), batch_size=0)
+
+
+def test_dataset_fifo_is_error(tmp_path):
+    os.mkfifo(tmp_path / "pipe.jpg")
+    item = ImageFolderDataset([str(tmp_path / "pipe.jpg")], FIXED_SIZE_TRANSFORMS)[0]
+
+    assert item["image"] is None
+    assert item["error"] == f"{tmp_path / 'pipe.jpg'}: not a regular file (a FIFO)"
+
+
+def test_dataset_probe_shape():
+    image = ImageFolderDataset([], FIXED_SIZE_TRANSFORMS).probe()
+
+    assert image.shape == (3, 8, 8)
+    assert image.dtype == np.float32
+
+
+def test_dataset_probe_failure_names_op():
+    transforms = [{"DecodeImage": None}, {"CropImage": {"size": 4096}}]
+    with pytest.raises(ValueError, match="Infer.transforms: .*CropImage failed"):
+        ImageFolderDataset([], transforms).probe()
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_loader_given_batches(loader_folder, num_workers):
+    paths, _ = loader_folder
+    data = ImageFolderDataset(paths, FIXED_SIZE_TRANSFORMS)
+    loader = build_loader(data, 2, num_workers, batches=[[2, 3], [len(paths) - 1]])
+    batches = list(loader)
+
+    assert len(loader) == 2
+    assert len(batches) == 2
+    first = sorted(batches[0]["indices"].numpy().tolist() + [i for i, _ in batches[0]["errors"]])
+    assert first == [2, 3]
+    last = batches[1]["indices"].numpy().tolist() + [i for i, _ in batches[1]["errors"]]
+    assert last == [len(paths) - 1]

@@ -1,10 +1,12 @@
 import json
+import os
 
 import numpy as np
 import pytest
 
-from paddleclas_mc.output import (PredictionWriter, build_records, error_record,
-                                  load_class_id_map, write_json_atomic)
+from paddleclas_mc.output import (PredictionWriter, RecordFileError, build_records,
+                                  encode_json_line, error_record, load_class_id_map,
+                                  parse_records, write_json_atomic)
 
 
 class TestLoadClassIdMap:
@@ -75,3 +77,71 @@ def test_write_json_atomic_leaves_no_temp_file(tmp_path):
 def test_write_json_atomic_nan_as_null(tmp_path):
     write_json_atomic(str(tmp_path / "m.json"), {"auroc": float("nan"), "runs": [float("inf"), 1.0]})
     assert json.loads((tmp_path / "m.json").read_text()) == {"auroc": None, "runs": [None, 1.0]}
+
+
+def test_writer_one_os_write_per_batch(tmp_path, monkeypatch):
+    calls = []
+    real_write = os.write
+
+    def counting_write(fd, data):
+        calls.append(bytes(data))
+        return real_write(fd, data)
+
+    writer = PredictionWriter(str(tmp_path))
+    monkeypatch.setattr(os, "write", counting_write)
+    writer.write([{"file_name": f"{i}.png", "class_ids": [i]} for i in range(50)])
+    writer.close()
+
+    assert len(calls) == 1
+    assert calls[0].count(b"\n") == 50
+    assert calls[0].endswith(b"\n")
+
+
+def test_writer_append_keeps_records(tmp_path):
+    with PredictionWriter(str(tmp_path)) as writer:
+        writer.write([{"file_name": "a.png"}])
+    with PredictionWriter(str(tmp_path), append=True) as writer:
+        writer.write([{"file_name": "b.png"}])
+        records, _ = parse_records(writer.read(), writer.path)
+
+    assert [record["file_name"] for record in records] == ["a.png", "b.png"]
+
+
+def test_encode_json_line_non_utf8_name():
+    name = os.fsdecode(b"caf\xe9.png")
+    line = encode_json_line({"file_name": name})
+
+    assert line.endswith(b"\n")
+    line.decode("ascii")
+    assert json.loads(line)["file_name"] == name
+
+
+def test_parse_records_sets_apart_cut_short_line():
+    data = b'{"file_name": "a.png"}\n{"file_name": "b.png"}\n{"file_na'
+    records, complete_size = parse_records(data, "p.jsonl")
+
+    assert [record["file_name"] for record in records] == ["a.png", "b.png"]
+    assert data[:complete_size].endswith(b'"b.png"}\n')
+
+
+@pytest.mark.parametrize("data, message", [
+    (b'{"file_name": "a.png"}\nnot json\n', "p.jsonl:2: not a JSON record"),
+    (b'{"file_name": "a.png"}\n[1, 2]\n', "p.jsonl:2: not a record with a file_name"),
+])
+def test_parse_records_malformed_line(data, message):
+    with pytest.raises(RecordFileError, match=message):
+        parse_records(data, "p.jsonl")
+
+
+def test_class_id_map_extra_ids_rejected(tmp_path):
+    path = tmp_path / "labels.txt"
+    path.write_text("0 zero\n1 one\n2 two\n", encoding="utf-8")
+    with pytest.raises(ValueError, match=r"names class ids \[2\].*0 to 1"):
+        load_class_id_map(str(path), num_classes=2)
+
+
+def test_class_id_map_config_key_named(tmp_path):
+    path = tmp_path / "labels.txt"
+    path.write_text("x y\n", encoding="utf-8")
+    with pytest.raises(ValueError, match="^DataLoader.Eval.dataset.class_id_map_file: "):
+        load_class_id_map(str(path), config_key="DataLoader.Eval.dataset.class_id_map_file")

@@ -1,0 +1,286 @@
+"""The files of an infer run in ``Infer.save_dir``, and resuming an interrupted run.
+
+A run with ``Infer.save_dir`` writes three files there:
+
+- ``predictions.jsonl``: one record per image, appended batch by batch
+  (see ``output.PredictionWriter``).
+- ``run.json``: written before the first batch. It stores the settings that
+  shape the records and their SHA-256 fingerprint.
+- ``summary.json``: written when the run finishes, with ``"finished": true``
+  and the same fingerprint.
+
+With ``Infer.resume: True`` a run reuses the records already in
+``predictions.jsonl``. Batches are always cut from the full image list at
+multiples of ``Infer.batch_size``, and each batch's dropout seed comes from
+its batch index. So a resumed batch has the same images and seed as in an
+uninterrupted run, and gives the same records. For that reason the image
+list and the batch size are part of the fingerprint, next to the model,
+checkpoint contents, preprocessing, ``MCDropout`` section, device and label
+map. Resuming with a different fingerprint is rejected.
+"""
+
+import dataclasses
+import datetime
+import hashlib
+import json
+import os
+from typing import Optional
+
+import paddle
+
+from .output import PredictionWriter, parse_records, write_json_atomic
+
+__all__ = [
+    "RUN_FILE",
+    "SUMMARY_FILE",
+    "ResumeState",
+    "build_run_record",
+    "file_sha256",
+    "open_output",
+    "pending_batches",
+    "run_settings",
+    "settings_fingerprint",
+]
+
+RUN_FILE = "run.json"
+SUMMARY_FILE = "summary.json"
+
+
+def file_sha256(path):
+    """Return the SHA-256 hex digest of a file's contents."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as file:
+        for chunk in iter(lambda: file.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _plain(obj):
+    """Return ``obj`` as plain JSON types, with keys sorted."""
+    return json.loads(json.dumps(obj, default=str, sort_keys=True))
+
+
+def _text_sha256(lines):
+    digest = hashlib.sha256()
+    for line in lines:
+        # surrogateescape gives back the original bytes of a non-UTF-8 file name.
+        digest.update(line.encode("utf-8", "surrogateescape") + b"\n")
+    return digest.hexdigest()
+
+
+def run_settings(config, mc, infer, device, amp, checkpoint_file, class_id_map, paths):
+    """Collect the settings that shape the records of an infer run.
+
+    Args:
+        config: the PaddleClas config, for ``Arch``.
+        mc: the ``MCDropoutConfig``.
+        infer: the ``InferConfig``.
+        device: Paddle's device string.
+        amp: the AMP level, or None.
+        checkpoint_file: the ``.pdparams`` file, or None for random weights.
+        class_id_map: class id to name, or None.
+        paths: the image paths in reading order.
+
+    Returns:
+        A dict of plain JSON values, keyed by the config key each comes from.
+        Paths are left out where their contents are compared instead (the
+        checkpoint), so moving a file does not block resuming.
+    """
+    label_map = None
+    if class_id_map is not None:
+        label_map = _text_sha256(f"{class_id} {name}" for class_id, name in
+                                 sorted(class_id_map.items()))
+    return _plain({
+        "Arch": config.get("Arch"),
+        "Global.pretrained_model (sha256)": file_sha256(checkpoint_file) if checkpoint_file else None,
+        "Global.device": device,
+        "AMP": amp,
+        "paddle": paddle.__version__,
+        "MCDropout": dataclasses.asdict(mc) if mc.enable else {"enable": False},
+        "Infer.transforms": list(infer.transforms),
+        "Infer.batch_size": infer.batch_size,
+        "Infer.PostProcess.topk": infer.topk,
+        "Infer.PostProcess.class_id_map_file (sha256)": label_map,
+        "Infer.infer_imgs (images)": {"count": len(paths), "sha256": _text_sha256(paths)},
+    })
+
+
+def settings_fingerprint(settings):
+    """Return the SHA-256 hex digest of a settings dict from ``run_settings``."""
+    return hashlib.sha256(json.dumps(settings, sort_keys=True).encode("utf-8")).hexdigest()
+
+
+@dataclasses.dataclass
+class ResumeState:
+    """Records already in ``predictions.jsonl`` when a run starts.
+
+    Attributes:
+        done: file names that have a record.
+        predicted: how many of those records are predictions.
+        failed: the error records, in file order.
+        finished_summary: the stored ``summary.json`` when the earlier run
+            finished with the same fingerprint, else None.
+    """
+
+    done: set = dataclasses.field(default_factory=set)
+    predicted: int = 0
+    failed: list = dataclasses.field(default_factory=list)
+    finished_summary: Optional[dict] = None
+
+
+def _read_json(path):
+    """Return the JSON object stored at ``path``, or None when missing or unreadable."""
+    try:
+        with open(path, "rb") as file:
+            value = json.loads(file.read().decode("utf-8"))
+    except (OSError, ValueError):
+        return None
+    return value if isinstance(value, dict) else None
+
+
+def _remove(path):
+    try:
+        os.remove(path)
+    except FileNotFoundError:
+        pass
+
+
+def _start_fresh(writer, save_dir, run_record):
+    """Empty ``save_dir``'s run files and write ``run.json``.
+
+    The order keeps a kill at any step safe: once ``run.json`` is gone, old
+    records can no longer be resumed, and the new ``run.json`` is written
+    only after the old records are deleted.
+    """
+    _remove(os.path.join(save_dir, RUN_FILE))
+    _remove(os.path.join(save_dir, SUMMARY_FILE))
+    writer.truncate(0)
+    write_json_atomic(os.path.join(save_dir, RUN_FILE), run_record)
+
+
+def _check_same_settings(stored, run_record, writer, record_count):
+    run_path = os.path.join(os.path.dirname(writer.path), RUN_FILE)
+    if stored is None or "fingerprint" not in stored:
+        raise ValueError(
+            f"Infer.resume: {writer.path} contains {record_count} records, but {run_path} is "
+            "missing or unreadable, so their settings cannot be checked. Rerun with "
+            "-o Infer.resume=False to start over.")
+    if stored["fingerprint"] == run_record["fingerprint"]:
+        return
+
+    old = stored.get("settings") or {}
+    new = run_record["settings"]
+    changed = [key for key in new if old.get(key) != new[key]] or ["unknown"]
+    raise ValueError(
+        f"Infer.resume: the {record_count} records in {writer.path} were made with other "
+        f"settings ({', '.join(changed)} changed), and mixing them would give records "
+        "no single run makes. Restore those settings, rerun with -o Infer.resume=False "
+        "to start over, or set Infer.save_dir to a new folder.")
+
+
+def _resume_state(records, paths, summary, fingerprint, writer):
+    state = ResumeState()
+    known = set(paths)
+    for record in records:
+        name = record["file_name"]
+        if name not in known:
+            raise ValueError(
+                f"Infer.resume: {writer.path} has a record for {name!r}, which is not "
+                "among the images of Infer.infer_imgs. Rerun with -o Infer.resume=False "
+                "to start over.")
+        if name in state.done:
+            continue
+        state.done.add(name)
+        if "error" in record:
+            state.failed.append(record)
+        else:
+            state.predicted += 1
+
+    finished = (summary is not None and summary.get("finished") is True
+                and summary.get("fingerprint") == fingerprint and len(state.done) == len(known))
+    state.finished_summary = summary if finished else None
+    return state
+
+
+def open_output(save_dir, run_record, paths, resume, logger):
+    """Open ``predictions.jsonl`` for a run and collect what an earlier run left.
+
+    Without ``resume`` the earlier files are replaced. With it, existing
+    records are kept when ``run.json`` has the same fingerprint. An
+    unfinished last line is cut off, and a stale ``summary.json`` is deleted.
+
+    Args:
+        save_dir: ``Infer.save_dir``.
+        run_record: the ``run.json`` contents, with ``settings`` and ``fingerprint``.
+        paths: the image paths of this run.
+        resume: ``Infer.resume``.
+        logger: PaddleClas's logger.
+
+    Returns:
+        A tuple ``(writer, state)``: an open ``PredictionWriter`` and a ``ResumeState``.
+
+    Raises:
+        ValueError: when resuming is not possible (settings changed, ``run.json``
+            missing, a malformed line), or another run holds the lock.
+    """
+    writer = PredictionWriter(save_dir, append=True)
+    try:
+        data = writer.read()
+        if not resume:
+            if data:
+                logger.warning(f"Overwriting {writer.path}, which contains an earlier run's "
+                               "records. Set Infer.resume=True to continue a run instead.")
+            _start_fresh(writer, save_dir, run_record)
+            return writer, ResumeState()
+
+        records, complete_size = parse_records(data, writer.path)
+        if not records:
+            logger.info(f"Infer.resume: {writer.path} contains no records, so the run starts "
+                        "from the first image.")
+            _start_fresh(writer, save_dir, run_record)
+            return writer, ResumeState()
+
+        _check_same_settings(_read_json(os.path.join(save_dir, RUN_FILE)), run_record, writer,
+                             len(records))
+        summary_path = os.path.join(save_dir, SUMMARY_FILE)
+        state = _resume_state(records, paths, _read_json(summary_path),
+                              run_record["fingerprint"], writer)
+        if complete_size < len(data):
+            logger.warning(f"Infer.resume: dropped an unfinished last line of "
+                           f"{len(data) - complete_size} bytes from {writer.path}.")
+            writer.truncate(complete_size)
+        if state.finished_summary is None:
+            _remove(summary_path)
+        return writer, state
+    except BaseException:
+        writer.close()
+        raise
+
+
+def pending_batches(paths, batch_size, done):
+    """Cut the image list into batches and keep those with an image that has no record.
+
+    Returns:
+        A list of ``(batch_index, indices)``. Every batch is the full slice
+        ``[batch_index * batch_size, (batch_index + 1) * batch_size)``, so its
+        images and seed match an uninterrupted run, even when some of its
+        images already have a record.
+    """
+    batches = []
+    for batch_index, start in enumerate(range(0, len(paths), batch_size)):
+        indices = list(range(start, min(start + batch_size, len(paths))))
+        if any(paths[index] not in done for index in indices):
+            batches.append((batch_index, indices))
+    return batches
+
+
+def build_run_record(settings, config_path, checkpoint_file, infer_imgs):
+    """Return the ``run.json`` contents: the settings, their fingerprint and what they came from."""
+    return {
+        "fingerprint": settings_fingerprint(settings),
+        "settings": settings,
+        "config": config_path,
+        "checkpoint": checkpoint_file,
+        "infer_imgs": infer_imgs,
+        "started": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    }
