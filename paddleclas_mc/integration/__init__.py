@@ -1,16 +1,20 @@
-"""PaddleClas glue: the only module that imports PaddleClas.
+"""PaddleClas glue: the only package that imports PaddleClas.
 
 The ``paddleclas`` wheel (2.6.0) ships ``ppcls.arch``, ``ppcls.utils`` and
 ``deploy/python`` under the ``paddleclas`` package. A PaddleClas source
 checkout puts ``ppcls`` on ``sys.path`` as a top-level package instead, so the
 checkout's copy is used when it is importable and the wheel's otherwise.
 Everything else in ``paddleclas_mc`` works on any ``paddle.nn.Layer``.
+
+``hook`` makes a checkout's own ``tools/infer.py`` and ``tools/eval.py`` run
+MC Dropout when the config enables it. A ``.pth`` file imports it at Python
+start-up, so this package imports only ``os`` and ``sys`` at module level,
+which Python has loaded by then. Everything else, Paddle and PaddleClas
+included, is imported inside the functions that need it.
 """
 
-import importlib
 import os
-
-import paddle
+import sys
 
 __all__ = [
     "build_model",
@@ -22,12 +26,41 @@ __all__ = [
 ]
 
 
+def _import_module(name):
+    import importlib
+
+    return importlib.import_module(name)
+
+
 def _import_ppcls(submodule):
     """Import ``ppcls.<submodule>`` from a source checkout, else from the wheel."""
     try:
-        return importlib.import_module("ppcls." + submodule)
+        return _import_module("ppcls." + submodule)
     except ImportError:
-        return importlib.import_module("paddleclas.ppcls." + submodule)
+        return _import_wheel_module("paddleclas.ppcls." + submodule)
+
+
+def _import_wheel_module(name):
+    """Import a module of the ``paddleclas`` wheel without doubling the log output.
+
+    Importing the wheel's top-level package runs the wheel's own
+    ``init_logger``, which adds a second stdout handler to the shared
+    ``ppcls`` logger when a checkout's ``ppcls.utils.logger`` has already
+    added one (PaddleClas 2.6), so every record would be printed twice.
+    Handlers that the import adds under a name already present are removed.
+    """
+    import logging
+
+    if name in sys.modules:
+        return sys.modules[name]
+    ppcls_logger = logging.getLogger("ppcls")
+    before = list(ppcls_logger.handlers)
+    module = _import_module(name)
+    names_before = {handler.get_name() for handler in before}
+    for handler in list(ppcls_logger.handlers):
+        if handler not in before and handler.get_name() in names_before:
+            ppcls_logger.removeHandler(handler)
+    return module
 
 
 def get_logger():
@@ -76,6 +109,8 @@ def load_pretrained(model, path):
         FileNotFoundError: when ``<path>.pdparams`` does not exist.
         ValueError: when the checkpoint does not fit the model.
     """
+    import paddle
+
     file_path = path if path.endswith(".pdparams") else path + ".pdparams"
     if not os.path.isfile(file_path):
         raise FileNotFoundError(
@@ -116,7 +151,7 @@ def create_preprocess_ops(op_configs):
     Returns:
         A list of callables, each taking and returning an image array.
     """
-    preprocess = importlib.import_module("paddleclas.deploy.python.preprocess")
+    preprocess = _import_wheel_module("paddleclas.deploy.python.preprocess")
     return preprocess.create_operators(op_configs)
 
 
@@ -127,7 +162,7 @@ def preprocess_op_names():
     the detection ops (``Det*``, which take an ``(image, info)`` pair) are left
     out, since none of them works as an ``Infer.transforms`` entry.
     """
-    preprocess = importlib.import_module("paddleclas.deploy.python.preprocess")
+    preprocess = _import_wheel_module("paddleclas.deploy.python.preprocess")
     names = []
     for name, value in vars(preprocess).items():
         if not isinstance(value, type) or not name[0].isupper():
@@ -145,5 +180,5 @@ def Topk(topk=1, label_list=None):  # noqa: N802 - named after PaddleClas's clas
     ``Topk`` applies softmax to logits first, so feeding softmax probabilities
     to this one gives the same ``class_ids``, ``scores`` and ``label_names``.
     """
-    postprocess = importlib.import_module("paddleclas.deploy.python.postprocess")
+    postprocess = _import_wheel_module("paddleclas.deploy.python.postprocess")
     return postprocess.Topk(topk=topk, label_list=label_list)
