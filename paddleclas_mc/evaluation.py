@@ -15,8 +15,9 @@ import numpy as np
 from prettytable import PrettyTable
 from tqdm import tqdm
 
-from . import integration
+from . import distributed, integration
 from .config import parse_mc_section, path_value
+from .dataset import build_loader
 from .engine import (amp_level, batch_seed, build_inference_model, printable,
                      probe_num_classes, set_device)
 from .labelled_dataset import build_eval_loader
@@ -147,6 +148,94 @@ def _write_plots(runs, output_dir, mc_label):
     return paths
 
 
+def _my_batches(loader, dataset, ranks):
+    """Return this rank's loader and the global index of each of its batches.
+
+    With several processes, batches are cut from the full image list as with
+    one process, and rank r evaluates batches ``r, r + W, r + 2W, ...``.
+    """
+    if ranks.world_size == 1:
+        return loader, list(range(len(loader)))
+    batch_size = loader.batch_size
+    batches = [list(range(start, min(start + batch_size, len(dataset))))
+               for start in range(0, len(dataset), batch_size)]
+    mine = distributed.assign_batches(list(enumerate(batches)), ranks.rank, ranks.world_size)
+    my_loader = build_loader(dataset, batch_size, loader.num_workers,
+                             batches=[indices for _, indices in mine])
+    return my_loader, [batch_index for batch_index, _ in mine]
+
+
+def _merge_runs(config, reports):
+    """Merge the metric states of every rank into fresh runs, in rank order.
+
+    Every metric state merges exactly (``paddleclas_mc.metrics``), so the
+    merged metrics equal those of one process over the same images.
+    """
+    names = list(reports[0]["states"])
+    runs = [_Run(name, build_run_metrics(config)) for name in names]
+    for report in reports:
+        for run in runs:
+            for metric, state in zip(run.metrics, report["states"][run.name]):
+                metric.merge_state(state)
+            run.scored += report["scored"][run.name]
+    return runs
+
+
+def _write_report(config, config_path, runs, failed, rank_reports, setup, started):
+    """Compute the metrics, write ``metrics.json`` and the plots, and log the table.
+
+    Args:
+        failed: ``(dataset index, file name, message)`` of each image not scored.
+        rank_reports: a dict per rank, in rank order, with its ``device``
+            and the number of ``batches`` it evaluated.
+        setup: a dict with ``images``, ``mc`` (the ``MCDropoutConfig``),
+            ``strategy`` and ``output_dir``.
+
+    Raises:
+        ValueError: when no image could be read.
+    """
+    logger = integration.get_logger()
+    mc = setup["mc"]
+    failed = [{"file_name": name, "error": message} for _, name, message in sorted(failed)]
+    evaluated = setup["images"] - len(failed)
+    if evaluated == 0:
+        raise ValueError("DataLoader.Eval: no image could be read, so there is nothing to "
+                         f"evaluate; the first error: {failed[0]['error'] if failed else '-'}")
+
+    results = {run.name: _results(run) for run in runs}
+    n_bins = _find(runs[0], CalibrationError).n_bins
+    report = {
+        "config": config_path,
+        "model": (config.get("Arch") or {}).get("name"),
+        "checkpoint": (config.get("Global") or {}).get("pretrained_model"),
+        "images": setup["images"],
+        "evaluated": evaluated,
+        "failed": len(failed),
+        "scored": {run.name: run.scored for run in runs},
+        "samples": mc.samples if mc.enable else None,
+        "seed": mc.seed if mc.enable else None,
+        "strategy": setup["strategy"],
+        "device": rank_reports[0]["device"],
+        "world_size": len(rank_reports),
+        "devices": [report["device"] for report in rank_reports],
+        "batches_per_rank": [report["batches"] for report in rank_reports],
+        "n_bins": n_bins,
+        **results,
+        "wall_time_s": round(time.time() - started, 3),
+        "failed_files": failed,
+    }
+
+    output_dir = setup["output_dir"]
+    os.makedirs(output_dir, exist_ok=True)
+    metrics_path = os.path.join(output_dir, "metrics.json")
+    write_json_atomic(metrics_path, report)
+    plots = _write_plots(runs, output_dir, f"MC Dropout (T={mc.samples})")
+    logger.info("Evaluation of %d images (%d not readable):\n%s", evaluated, len(failed),
+                format_table(results, n_bins))
+    logger.info(f"Wrote {metrics_path} and {', '.join(plots)}")
+    return report
+
+
 def run_eval(config, config_path=None):
     """Evaluate the single pass and, if enabled, MC Dropout on ``DataLoader.Eval``.
 
@@ -154,18 +243,25 @@ def run_eval(config, config_path=None):
     and ``uncertainty_histograms.png`` under ``Global.output_dir`` and logs
     the comparison table.
 
+    Under ``python -m paddle.distributed.launch`` with several processes,
+    rank r evaluates batches ``r, r + W, r + 2W, ...`` (W processes), each
+    with the seed of its global batch index. Rank 0 merges the metric states
+    of every rank, computes the metrics once from the merged states and
+    writes the files.
+
     Args:
         config: a PaddleClas config (dict), with ``-o`` overrides applied.
         config_path: the config file, recorded in ``metrics.json``.
 
     Returns:
-        The dict written to ``metrics.json``.
+        The dict written to ``metrics.json``, on every rank.
     """
     logger = integration.get_logger()
     started = time.time()
+    ranks = distributed.current_ranks()
 
     mc = parse_mc_section(config)
-    device = set_device(config)
+    device = set_device(config, ranks)
     amp = amp_level(config)
     runs = [_Run(SINGLE_PASS, build_run_metrics(config))]
     if mc.enable:
@@ -188,63 +284,65 @@ def run_eval(config, config_path=None):
         strategy, reason = resolve_strategy(mc.strategy, loader.batch_size, mc.max_batch)
         logger.info(f"MC Dropout: T={mc.samples}, strategy={strategy} ({reason}), "
                     f"seed={mc.seed}, device={device}")
-    logger.info(f"Evaluating {len(dataset)} images in batches of {loader.batch_size}: single "
-                "pass" + (f" and MC Dropout (T={mc.samples})" if mc.enable else ""))
+    processes = f" on {ranks.world_size} processes" if ranks.world_size > 1 else ""
+    logger.info(f"Evaluating {len(dataset)} images in batches of {loader.batch_size}{processes}: "
+                "single pass" + (f" and MC Dropout (T={mc.samples})" if mc.enable else ""))
+    if ranks.world_size > 1:
+        distributed.check_same_images(ranks, [f"{path} {label}" for path, label in
+                                  zip(dataset.paths, dataset.labels)],
+                          "DataLoader.Eval.dataset")
 
-    failed = []
-    progress = tqdm(loader, total=len(loader), desc="eval", unit="batch", disable=None)
-    for batch_index, batch in enumerate(progress):
-        for index, message in batch["errors"]:
-            failed.append({"file_name": dataset.paths[int(index)], "error": message})
-            logger.warning(f"Not scored {printable(dataset.paths[int(index)])}: "
-                           f"{printable(message)}")
-        if not len(batch["indices"]):
-            continue
+    my_loader, batch_indices = _my_batches(loader, dataset, ranks)
 
-        images = batch["images"]
-        labels = batch["labels"].numpy()
-        probs = single_pass(model, images, amp).astype(np.float64)
-        if num_classes is None:
-            # The test forward pass failed, so the class ids are checked here.
-            num_classes = probs.shape[1]
-            check_labels(dataset.paths, dataset.labels, num_classes, label_source)
-        _update(runs[0], probs, labels, single_pass_uncertainty(probs))
-        if sampler is not None:
-            mean, measures = summarize_samples(
-                sampler.sample(images, seed=batch_seed(mc.seed, batch_index)))
-            measures.update(least_confidence=1.0 - mean.max(axis=1))
-            _update(runs[1], mean, labels, measures)
+    def evaluate_my_batches():
+        failed = []
+        desc = f"eval, {ranks.label}" if ranks.world_size > 1 else "eval"
+        progress = tqdm(my_loader, total=len(my_loader), desc=desc, unit="batch", disable=None)
+        checked = num_classes is not None
+        for batch_index, batch in zip(batch_indices, progress):
+            for index, message in batch["errors"]:
+                failed.append((int(index), dataset.paths[int(index)], message))
+                if ranks.world_size == 1:
+                    logger.warning(f"Not scored {printable(dataset.paths[int(index)])}: "
+                                   f"{printable(message)}")
+            if not len(batch["indices"]):
+                continue
 
-    evaluated = len(dataset) - len(failed)
-    if evaluated == 0:
-        raise ValueError("DataLoader.Eval: no image could be read, so there is nothing to "
-                         f"evaluate; the first error: {failed[0]['error'] if failed else '-'}")
+            images = batch["images"]
+            labels = batch["labels"].numpy()
+            probs = single_pass(model, images, amp).astype(np.float64)
+            if not checked:
+                # The test forward pass failed, so the class ids are checked here.
+                check_labels(dataset.paths, dataset.labels, probs.shape[1], label_source)
+                checked = True
+            _update(runs[0], probs, labels, single_pass_uncertainty(probs))
+            if sampler is not None:
+                mean, measures = summarize_samples(
+                    sampler.sample(images, seed=batch_seed(mc.seed, batch_index)))
+                measures.update(least_confidence=1.0 - mean.max(axis=1))
+                _update(runs[1], mean, labels, measures)
+        return failed
 
-    results = {run.name: _results(run) for run in runs}
-    n_bins = _find(runs[0], CalibrationError).n_bins
-    report = {
-        "config": config_path,
-        "model": (config.get("Arch") or {}).get("name"),
-        "checkpoint": (config.get("Global") or {}).get("pretrained_model"),
-        "images": len(dataset),
-        "evaluated": evaluated,
-        "failed": len(failed),
-        "scored": {run.name: run.scored for run in runs},
-        "samples": mc.samples if mc.enable else None,
-        "seed": mc.seed if mc.enable else None,
-        "strategy": strategy,
-        "device": device,
-        "n_bins": n_bins,
-        **results,
-        "wall_time_s": round(time.time() - started, 3),
-        "failed_files": failed,
-    }
+    failed = ranks.run_on_all(evaluate_my_batches, "evaluate batches")
 
-    os.makedirs(output_dir, exist_ok=True)
-    metrics_path = os.path.join(output_dir, "metrics.json")
-    write_json_atomic(metrics_path, report)
-    plots = _write_plots(runs, output_dir, f"MC Dropout (T={mc.samples})")
-    logger.info("Evaluation of %d images (%d not readable):\n%s", evaluated, len(failed),
-                format_table(results, n_bins))
-    logger.info(f"Wrote {metrics_path} and {', '.join(plots)}")
+    setup = {"images": len(dataset), "mc": mc, "strategy": strategy, "output_dir": output_dir}
+    if ranks.world_size == 1:
+        return _write_report(config, config_path, runs, failed,
+                             [{"device": device, "batches": len(batch_indices)}], setup, started)
+
+    reports = ranks.gather({"states": {run.name: [metric.state() for metric in run.metrics]
+                                       for run in runs},
+                            "scored": {run.name: run.scored for run in runs},
+                            "failed": failed, "device": device,
+                            "batches": len(batch_indices)}, "metric states")
+
+    def merge_and_write():
+        all_failed = [entry for report in reports for entry in report["failed"]]
+        for _, name, message in sorted(all_failed):
+            logger.warning(f"Not scored {printable(name)}: {printable(message)}")
+        return _write_report(config, config_path, _merge_runs(config, reports), all_failed,
+                             reports, setup, started)
+
+    report = ranks.run_on_main(merge_and_write if ranks.is_main else None, "merge metrics")
+    ranks.finish()
     return report

@@ -11,7 +11,7 @@ has exactly one record.
 import errno
 import json
 import os
-import tempfile
+import secrets
 
 try:
     import fcntl
@@ -30,7 +30,9 @@ __all__ = [
     "encode_json_line",
     "error_record",
     "load_class_id_map",
+    "parse_record_lines",
     "parse_records",
+    "write_bytes_atomic",
     "write_json_atomic",
 ]
 
@@ -184,12 +186,25 @@ def write_json_atomic(path, obj):
     except UnicodeEncodeError:
         data = json.dumps(obj, ensure_ascii=True, indent=2, allow_nan=False).encode("ascii")
 
+    write_bytes_atomic(path, data)
+
+
+def write_bytes_atomic(path, data):
+    """Write ``data`` to ``path`` through a temporary file, ``os.fsync`` and a rename.
+
+    A reader sees the old file or the new one, never a half-written one, and
+    the new one is on disk when the function returns. The file gets mode
+    0o644 less the umask, as ``PredictionWriter`` creates its file.
+    """
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
-    handle, temp_path = tempfile.mkstemp(dir=folder, suffix=".tmp")
+    temp_path = os.path.join(folder, f".{os.path.basename(path)}.{secrets.token_hex(8)}.tmp")
+    handle = os.open(temp_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
     try:
         with os.fdopen(handle, "wb") as file:
             file.write(data)
+            file.flush()
+            os.fsync(file.fileno())
         os.replace(temp_path, path)
     except BaseException:
         if os.path.exists(temp_path):
@@ -218,8 +233,22 @@ def parse_records(data, path):
         RecordFileError: when a whole line is not a JSON object with a
             ``file_name``, naming the file and the line number.
     """
+    lines, complete_size = parse_record_lines(data, path)
+    return [record for record, _ in lines], complete_size
+
+
+def parse_record_lines(data, path):
+    """Parse ``predictions.jsonl`` contents as ``parse_records`` does, keeping each line's bytes.
+
+    Returns:
+        A tuple ``(lines, complete_size)``: ``lines`` contains one
+        ``(record, line)`` pair per whole line, ``line`` without its newline.
+
+    Raises:
+        RecordFileError: as ``parse_records``.
+    """
     complete_size = data.rfind(b"\n") + 1
-    records = []
+    lines = []
     for line_number, line in enumerate(data[:complete_size].split(b"\n")[:-1], start=1):
         if not line.strip():
             continue
@@ -233,8 +262,8 @@ def parse_records(data, path):
             raise RecordFileError(
                 f"{path}:{line_number}: not a record with a file_name. Delete the line, or "
                 "rerun without Infer.resume to start over.")
-        records.append(record)
-    return records, complete_size
+        lines.append((record, line))
+    return lines, complete_size
 
 
 class PredictionWriter:
@@ -299,7 +328,11 @@ class PredictionWriter:
 
     def write(self, records):
         """Append a batch of records as whole lines, in one ``os.write`` when the kernel allows."""
-        data = memoryview(b"".join(encode_json_line(record) for record in records))
+        self.write_bytes(b"".join(encode_json_line(record) for record in records))
+
+    def write_bytes(self, data):
+        """Append encoded lines, for example records copied from another file."""
+        data = memoryview(data)
         while data:
             written = os.write(self._fd, data)
             data = data[written:]

@@ -17,6 +17,16 @@ uninterrupted run, and gives the same records. For that reason the image
 list and the batch size are part of the fingerprint, next to the model,
 checkpoint contents, preprocessing, ``MCDropout`` section, device and label
 map. Resuming with a different fingerprint is rejected.
+
+Under ``python -m paddle.distributed.launch`` with more than one process,
+rank r appends its records to its own shard,
+``<save_dir>/.rank<r>/predictions.jsonl`` with its own ``run.json``. When
+every rank has finished, rank 0 merges all records into ``predictions.jsonl``
+in the order of a run with one process and writes ``summary.json``, and then
+each rank deletes its shard. The world size is not part of the fingerprint,
+because the records do not depend on it, so a run may be resumed with another
+number of processes. Rank 0 moves the records of shards that no rank of the
+new run owns into ``predictions.jsonl`` (``absorb_stale_shards``).
 """
 
 import dataclasses
@@ -24,26 +34,36 @@ import datetime
 import hashlib
 import json
 import os
+import re
+import shutil
 from typing import Optional
 
 import paddle
 
-from .output import PredictionWriter, parse_records, write_json_atomic
+from .output import PredictionWriter, parse_record_lines, parse_records, write_json_atomic
 
 __all__ = [
     "RUN_FILE",
     "SUMMARY_FILE",
     "ResumeState",
+    "absorb_stale_shards",
     "build_run_record",
     "file_sha256",
+    "merge_record_lines",
     "open_output",
     "pending_batches",
     "run_settings",
     "settings_fingerprint",
+    "shard_dir",
+    "stale_shard_dirs",
 ]
 
 RUN_FILE = "run.json"
 SUMMARY_FILE = "summary.json"
+
+# A rank's shard folder in save_dir is this prefix followed by the rank.
+SHARD_PREFIX = ".rank"
+_SHARD_PATTERN = re.compile(re.escape(SHARD_PREFIX) + r"(0|[1-9][0-9]*)")
 
 
 def file_sha256(path):
@@ -93,7 +113,9 @@ def run_settings(config, mc, infer, device, amp, checkpoint_file, class_id_map, 
     return _plain({
         "Arch": config.get("Arch"),
         "Global.pretrained_model (sha256)": file_sha256(checkpoint_file) if checkpoint_file else None,
-        "Global.device": device,
+        # The device type only: under the launcher, rank r runs on gpu:r,
+        # and every rank gives the same records.
+        "Global.device": device.split(":")[0],
         "AMP": amp,
         "paddle": paddle.__version__,
         "MCDropout": dataclasses.asdict(mc) if mc.enable else {"enable": False},
@@ -274,7 +296,7 @@ def pending_batches(paths, batch_size, done):
     return batches
 
 
-def build_run_record(settings, config_path, checkpoint_file, infer_imgs):
+def build_run_record(settings, config_path, checkpoint_file, infer_imgs, world_size=1):
     """Return the ``run.json`` contents: the settings, their fingerprint and what they came from."""
     return {
         "fingerprint": settings_fingerprint(settings),
@@ -282,5 +304,105 @@ def build_run_record(settings, config_path, checkpoint_file, infer_imgs):
         "config": config_path,
         "checkpoint": checkpoint_file,
         "infer_imgs": infer_imgs,
+        "world_size": world_size,
         "started": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }
+
+
+def shard_dir(save_dir, rank):
+    """Return the folder of one rank's records: ``<save_dir>/.rank<rank>``."""
+    return os.path.join(save_dir, f"{SHARD_PREFIX}{rank}")
+
+
+def stale_shard_dirs(save_dir, first_rank):
+    """Return ``(rank, folder)`` for each shard folder in ``save_dir`` of rank ``first_rank`` or above.
+
+    The list is sorted by rank, and empty when ``save_dir`` does not exist.
+    """
+    try:
+        entries = list(os.scandir(save_dir))
+    except FileNotFoundError:
+        return []
+    shards = []
+    for entry in entries:
+        match = _SHARD_PATTERN.fullmatch(entry.name)
+        if match and entry.is_dir(follow_symlinks=False) and int(match.group(1)) >= first_rank:
+            shards.append((int(match.group(1)), entry.path))
+    return sorted(shards)
+
+
+def absorb_stale_shards(writer, state, save_dir, first_rank, run_record, paths, resume, logger):
+    """Move the records of shards that no rank of this run owns into ``writer``, then delete them.
+
+    Shards of rank ``first_rank`` and above are left by an earlier run with
+    more processes, or, with ``first_rank`` 0, by an earlier run with several
+    processes that a single process now continues. With ``resume``, their
+    records are checked as ``open_output`` checks ``predictions.jsonl``, and
+    those for files without a record in ``state`` are appended to ``writer``
+    and added to ``state``. Without it, the shards are only deleted.
+
+    Raises:
+        ValueError: when a shard's records were made with other settings, or
+            another running infer holds its lock.
+    """
+    for rank, folder in stale_shard_dirs(save_dir, first_rank):
+        shard, _ = open_output(folder, run_record, paths, resume, logger)
+        try:
+            lines = parse_record_lines(shard.read(), shard.path)[0] if resume else []
+        finally:
+            shard.close()
+
+        moved = []
+        for record, line in lines:
+            name = record["file_name"]
+            if name in state.done:
+                continue
+            state.done.add(name)
+            if "error" in record:
+                state.failed.append(record)
+            else:
+                state.predicted += 1
+            moved.append(line + b"\n")
+        writer.write_bytes(b"".join(moved))
+        shutil.rmtree(folder)
+        if moved:
+            logger.info(f"Infer.resume: moved {len(moved)} records of rank {rank} from "
+                        f"{folder} to {writer.path}")
+        else:
+            logger.info(f"Deleted {folder}, the shard of rank {rank} of an earlier run")
+
+
+def merge_record_lines(sources, paths):
+    """Merge the records of several ``predictions.jsonl`` contents into image-list order.
+
+    Args:
+        sources: ``(name, data)`` pairs, ``data`` in the format of
+            ``predictions.jsonl`` and ``name`` used in errors. When several
+            records name the same file, the first one is kept.
+        paths: the image paths of the run, in reading order.
+
+    Returns:
+        A list of ``(record, line)`` pairs, one per path and in the order of
+        ``paths``, ``line`` being the record's bytes without the newline.
+
+    Raises:
+        ValueError: when a record names a file outside ``paths``, or a path
+            has no record.
+    """
+    position = {path: index for index, path in enumerate(paths)}
+    merged = [None] * len(paths)
+    for name, data in sources:
+        lines, _ = parse_record_lines(data, name)
+        for record, line in lines:
+            index = position.get(record["file_name"])
+            if index is None:
+                raise ValueError(f"{name} has a record for {record['file_name']!r}, which is "
+                                 "not among the images of Infer.infer_imgs.")
+            if merged[index] is None:
+                merged[index] = (record, line)
+
+    missing = [paths[index] for index, entry in enumerate(merged) if entry is None]
+    if missing:
+        raise ValueError(f"{len(missing)} of {len(paths)} images have no record after merging "
+                         f"the records of every rank, e.g. {missing[:3]}.")
+    return merged

@@ -6,7 +6,8 @@ import pytest
 
 from paddleclas_mc.output import (PredictionWriter, RecordFileError, build_records,
                                   encode_json_line, error_record, load_class_id_map,
-                                  parse_records, write_json_atomic)
+                                  parse_record_lines, parse_records, write_bytes_atomic,
+                                  write_json_atomic)
 
 
 class TestLoadClassIdMap:
@@ -77,6 +78,42 @@ def test_write_json_atomic_leaves_no_temp_file(tmp_path):
 def test_write_json_atomic_nan_as_null(tmp_path):
     write_json_atomic(str(tmp_path / "m.json"), {"auroc": float("nan"), "runs": [float("inf"), 1.0]})
     assert json.loads((tmp_path / "m.json").read_text()) == {"auroc": None, "runs": [None, 1.0]}
+
+
+def test_write_bytes_atomic_mode_follows_umask(tmp_path):
+    umask = os.umask(0o022)
+    try:
+        write_bytes_atomic(str(tmp_path / "predictions.jsonl"), b'{"file_name": "a.png"}\n')
+    finally:
+        os.umask(umask)
+    assert [p.name for p in tmp_path.iterdir()] == ["predictions.jsonl"]
+    assert (tmp_path / "predictions.jsonl").stat().st_mode & 0o777 == 0o644
+
+
+def test_write_bytes_atomic_replaces_file(tmp_path):
+    path = tmp_path / "predictions.jsonl"
+    path.write_bytes(b"old\n")
+    write_bytes_atomic(str(path), b"new\n")
+    assert path.read_bytes() == b"new\n"
+
+
+def test_parse_record_lines_keeps_bytes():
+    data = b'{"file_name": "a.png",  "scores": [0.5]}\n\n{"file_name": "b.png"}\n{"file'
+    lines, complete_size = parse_record_lines(data, "p.jsonl")
+
+    assert lines == [({"file_name": "a.png", "scores": [0.5]},
+                      b'{"file_name": "a.png",  "scores": [0.5]}'),
+                     ({"file_name": "b.png"}, b'{"file_name": "b.png"}')]
+    assert complete_size == data.rindex(b"\n") + 1
+
+
+def test_writer_write_bytes_appends(tmp_path):
+    with PredictionWriter(str(tmp_path)) as writer:
+        writer.write([{"file_name": "a.png"}])
+        writer.write_bytes(b'{"file_name": "b.png"}\n')
+        records, _ = parse_records(writer.read(), writer.path)
+
+    assert [record["file_name"] for record in records] == ["a.png", "b.png"]
 
 
 def test_writer_one_os_write_per_batch(tmp_path, monkeypatch):

@@ -285,3 +285,66 @@ def test_concurrent_run_in_same_dir_rejected(tmp_path):
 
     assert result.returncode == 2, result.stderr[-2000:]
     assert "is locked by another running infer" in result.stderr
+
+
+def test_fingerprint_ignores_device_id():
+    from paddleclas_mc.config import parse_infer_section, parse_mc_section
+    from paddleclas_mc.resume import run_settings, settings_fingerprint
+
+    config = load_config(MC_CONFIG, small_overrides("unused"))
+    mc, infer = parse_mc_section(config), parse_infer_section(config)
+
+    def fingerprint(device):
+        return settings_fingerprint(run_settings(config, mc, infer, device, None, None, None,
+                                                 ["a.png"]))
+
+    assert fingerprint("gpu:0") == fingerprint("gpu:3") == fingerprint("gpu")
+    assert fingerprint("gpu") != fingerprint("cpu")
+
+
+def test_stale_shard_dirs_match_rank_folders(tmp_path):
+    from paddleclas_mc.resume import shard_dir, stale_shard_dirs
+
+    for name in (".rank0", ".rank2", ".rank10", ".rank01", ".rankx", "rank1"):
+        (tmp_path / name).mkdir()
+    (tmp_path / ".rank3").write_text("a file, not a shard folder")
+
+    assert stale_shard_dirs(str(tmp_path), 0) == [
+        (0, str(tmp_path / ".rank0")), (2, str(tmp_path / ".rank2")),
+        (10, str(tmp_path / ".rank10"))]
+    assert [rank for rank, _ in stale_shard_dirs(str(tmp_path), 2)] == [2, 10]
+    assert stale_shard_dirs(str(tmp_path / "missing"), 0) == []
+    assert shard_dir("out", 4) == os.path.join("out", ".rank4")
+
+
+def test_resume_rejects_shard_of_other_settings(finished_run, tmp_path, capsys):
+    save_dir = copy_run(finished_run[0], tmp_path / "run")
+    (save_dir / "summary.json").unlink()
+    shard = save_dir / ".rank1"
+    shard.mkdir()
+    lines = read_lines(save_dir / "predictions.jsonl")
+    (shard / "predictions.jsonl").write_bytes(lines[0] + b"\n")
+    run_json = json.loads((save_dir / "run.json").read_text(encoding="utf-8"))
+    run_json["fingerprint"] = "0" * 64
+    (shard / "run.json").write_text(json.dumps(run_json), encoding="utf-8")
+    arguments = ["infer", "-c", MC_CONFIG]
+    for option in small_overrides(save_dir, "Infer.resume=True"):
+        arguments += ["-o", option]
+
+    assert main(arguments) == 2
+    message = capsys.readouterr().err
+    assert f"{shard / 'predictions.jsonl'} were made with other settings" in message
+    assert shard.exists()
+
+
+def test_fresh_run_deletes_stale_shards(finished_run, tmp_path):
+    save_dir = copy_run(finished_run[0], tmp_path / "run")
+    shard = save_dir / ".rank1"
+    shard.mkdir()
+    (shard / "predictions.jsonl").write_bytes(b'{"file_name": "old.png"}\n')
+
+    run_infer(load_config(MC_CONFIG, small_overrides(save_dir)))
+
+    assert not shard.exists()
+    assert records_by_file(save_dir / "predictions.jsonl") == records_by_file(
+        finished_run[0] / "predictions.jsonl")

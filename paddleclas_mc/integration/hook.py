@@ -21,9 +21,13 @@ An Engine that paddleclas-mc runs has ``config``, ``mode``, ``eval_mode`` and
 ``output_dir`` but none of PaddleClas's ``model``, data loader or metric
 attributes, because it never builds them.
 
-NOTE: paddleclas-mc does not split the images across processes, so under
-``python -m paddle.distributed.launch`` every process runs the whole job
-and writes the same files.
+Under ``python -m paddle.distributed.launch``, ``run_infer`` and
+``run_eval`` split the batches across the processes, and rank 0 merges the
+records or metric states and writes the files (see ``docs/distributed.md``).
+They read the launcher's environment variables and need no process group,
+so nothing is lost by skipping PaddleClas's ``Engine.__init__``, which
+would call ``paddle.distributed.init_parallel_env`` (or ``fleet.init``,
+depending on the PaddleClas version).
 
 The installed ``paddleclas_mc_hook.pth`` calls ``install_if_enabled`` at
 start-up. Until ``ppcls.engine.engine`` is imported, only this module and the
