@@ -1,5 +1,7 @@
 """Shared fixtures: small networks with BatchNorm and dropout, built on CPU."""
 
+import os
+
 import numpy as np
 import paddle
 import pytest
@@ -44,3 +46,23 @@ def small_net():
 @pytest.fixture
 def images():
     return paddle.to_tensor(np.random.RandomState(0).randn(5, 3, 8, 8).astype("float32"))
+
+
+def require_paddleclas_checkout(*required_paths):
+    """Return ``$PADDLECLAS_ROOT``, skipping the test when it is not set.
+
+    Args:
+        required_paths: paths inside the checkout the test reads, such as
+            ``tools/infer.py``; a checkout without one fails the test.
+    """
+    root = os.environ.get("PADDLECLAS_ROOT")
+    if not root:
+        pytest.skip("PADDLECLAS_ROOT is not set. Set it to a PaddleClas source checkout "
+                    "(git clone https://github.com/PaddlePaddle/PaddleClas) to run the "
+                    "checkout tests, e.g. PADDLECLAS_ROOT=~/PaddleClas python -m pytest "
+                    "tests/test_integration_hook.py tests/test_paddleclas_configs.py")
+    for path in required_paths:
+        if not os.path.exists(os.path.join(root, path)):
+            pytest.fail(f"PADDLECLAS_ROOT={root!r} has no {path}; set it to the root of a "
+                        "PaddleClas source checkout.")
+    return root

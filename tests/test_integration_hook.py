@@ -17,6 +17,8 @@ import textwrap
 
 import pytest
 
+from conftest import require_paddleclas_checkout
+
 from paddleclas_mc.integration import hook
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -32,18 +34,7 @@ PADDLECLAS_ENGINE_OVERRIDES = [
 
 
 def _checkout_root():
-    """Return ``$PADDLECLAS_ROOT``, skipping the test when it is not set."""
-    root = os.environ.get("PADDLECLAS_ROOT")
-    if not root:
-        pytest.skip("PADDLECLAS_ROOT is not set. Set it to a PaddleClas source checkout "
-                    "(git clone https://github.com/PaddlePaddle/PaddleClas) to run the "
-                    "checkout tests, e.g. PADDLECLAS_ROOT=~/PaddleClas python -m pytest "
-                    "tests/test_integration_hook.py")
-    for script in ("infer.py", "eval.py"):
-        if not os.path.isfile(os.path.join(root, "tools", script)):
-            pytest.fail(f"PADDLECLAS_ROOT={root!r} has no tools/{script}; set it to the "
-                        "root of a PaddleClas source checkout.")
-    return root
+    return require_paddleclas_checkout("tools/infer.py", "tools/eval.py")
 
 
 def _require_installed_pth():

@@ -19,6 +19,8 @@ import pytest
 import yaml
 from PIL import Image
 
+from conftest import require_paddleclas_checkout
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PTH_NAME = "paddleclas_mc_hook.pth"
 
@@ -34,17 +36,7 @@ CROP_SIZE = 64
 
 
 def _checkout_root():
-    """Return ``$PADDLECLAS_ROOT``, skipping the test when it is not set."""
-    root = os.environ.get("PADDLECLAS_ROOT")
-    if not root:
-        pytest.skip("PADDLECLAS_ROOT is not set. Set it to a PaddleClas source checkout "
-                    "(git clone https://github.com/PaddlePaddle/PaddleClas) to run the "
-                    "ImageNet config tests, e.g. PADDLECLAS_ROOT=~/PaddleClas python -m "
-                    "pytest tests/test_paddleclas_configs.py")
-    if not os.path.isdir(os.path.join(root, "ppcls", "configs", "ImageNet")):
-        pytest.fail(f"PADDLECLAS_ROOT={root!r} has no ppcls/configs/ImageNet; set it to "
-                    "the root of a PaddleClas source checkout.")
-    return root
+    return require_paddleclas_checkout("ppcls/configs/ImageNet")
 
 
 @pytest.fixture(scope="module")
