@@ -160,7 +160,7 @@ class InferConfig:
     class_id_map_file: Optional[str] = None
     delimiter: str = " "
     save_dir: Optional[str] = None
-    resume: bool = False
+    resume: Optional[bool] = None
 
 
 def _require(condition, key, value, expected):
@@ -244,8 +244,9 @@ def parse_infer_section(config) -> InferConfig:
     transforms = section.get("transforms")
     _require(isinstance(transforms, list) and transforms, "Infer.transforms", transforms,
              "PaddleClas's list of preprocessing ops, starting with DecodeImage")
-    resume = section.get("resume", False)
-    _require(isinstance(resume, bool), "Infer.resume", resume, "True or False")
+    resume = section.get("resume")
+    _require(resume is None or isinstance(resume, bool), "Infer.resume", resume,
+             "True or False")
     _require(save_dir is not None or not resume, "Infer.save_dir", save_dir,
              "a folder when Infer.resume is True, because resuming reads the "
              "records of the earlier run from <save_dir>/predictions.jsonl")
@@ -283,8 +284,10 @@ def parse_infer_section(config) -> InferConfig:
 
 # Implicit YAML types an override value may take. YAML 1.1's other forms
 # (dates, octal, hexadecimal, sexagesimal, yes/no/on/off) stay strings.
+# ``None`` is read as null too, because PaddleClas's own -o parser needs
+# ``None`` and users carry that habit over.
 _IMPLICIT_TYPES = (
-    ("tag:yaml.org,2002:null", r"^(?:~|null|Null|NULL)$", list("~nN")),
+    ("tag:yaml.org,2002:null", r"^(?:~|null|Null|NULL|None)$", list("~nN")),
     ("tag:yaml.org,2002:bool", r"^(?:true|True|TRUE|false|False|FALSE)$", list("tTfF")),
     ("tag:yaml.org,2002:int", r"^[-+]?(?:0|[1-9][0-9]*)$", list("-+0123456789")),
     ("tag:yaml.org,2002:float",

@@ -35,11 +35,14 @@ Decoding policy. Every image is decoded to 8-bit, 3-channel RGB (or BGR when
 * Only the first frame of a GIF or other multi-frame file is used.
 """
 
+import ctypes
 import dataclasses
 import io
 import os
 import re
+import signal
 import stat
+import sys
 import warnings
 
 import cv2
@@ -151,21 +154,29 @@ def list_images(infer_imgs, infer_list=None):
 
 
 def _walk_folder(folder):
-    """List the image files under ``folder`` without following directory symlinks.
+    """List the image files under ``folder``, following folder symlinks once.
 
+    A linked folder is walked like a real one, so a dataset made of links to
+    class folders works. A folder whose real path was already walked (a link
+    loop, or two links to one folder) is skipped, so the walk always ends.
     Symlinks to files are listed, so a dangling one gets an error record later.
     """
     paths = []
     ignored = []
     unreadable_dirs = []
+    visited = set()
 
     def record_unreadable(error):
         unreadable_dirs.append(error.filename)
 
-    # followlinks=False keeps a symlink loop (a link to a parent folder) from
-    # being walked forever.
     for root, dirnames, filenames in os.walk(folder, onerror=record_unreadable,
-                                             followlinks=False):
+                                             followlinks=True):
+        real_root = os.path.realpath(root)
+        if real_root in visited:
+            dirnames[:] = []
+            continue
+        visited.add(real_root)
+
         dirnames.sort()
         for filename in sorted(filenames):
             path = os.path.join(root, filename)
@@ -213,6 +224,17 @@ def _read_path_list(list_path):
         raise ValueError(
             f"Infer.infer_imgs: path list {list_path!r} contains no image paths. "
             "Write one image path per line; lines starting with '#' are skipped.")
+
+    # A PaddleClas label list ("<path> <class id>") read as a path list would
+    # give one "file not found" record per line, so point to Infer.infer_list.
+    first = paths[0]
+    name, _, label = first.rpartition(" ")
+    if not os.path.exists(first) and name and _LABEL_PATTERN.fullmatch(label):
+        raise ValueError(
+            f"Infer.infer_imgs: {list_path!r} looks like a PaddleClas label list "
+            f"('<path> <class id>' lines, e.g. {os.path.basename(first)!r}). Set "
+            "Infer.infer_list to this file and Infer.infer_imgs to the folder its "
+            "paths are relative to.")
     return paths
 
 
@@ -718,5 +740,26 @@ def build_loader(dataset, batch_size, num_workers=0, batches=None):
         # hangs. A batch of only failed images has such arrays. Without shared
         # memory, batches are pickled through a queue, which is slower.
         use_shared_memory=False,
+        worker_init_fn=_exit_with_parent,
         **sampling,
     )
+
+
+def _exit_with_parent(worker_id):
+    """Ask Linux to stop this worker when the main process dies.
+
+    Paddle 3.3.1's workers stay blocked on their queue when the main process
+    is killed (SIGKILL, or SIGTERM from a scheduler), so they would outlive
+    the run. Elsewhere this does nothing.
+    """
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+    except OSError:
+        return
+    pr_set_pdeathsig = 1
+    libc.prctl(pr_set_pdeathsig, signal.SIGTERM)
+    # The parent may have died before the call; then the signal never comes.
+    if os.getppid() == 1:
+        os._exit(0)

@@ -22,6 +22,7 @@ from .dataset import ImageFolderDataset, build_loader, list_images
 from .output import (build_records, check_class_id_map, encode_json_line, error_record,
                      load_class_id_map, write_bytes_atomic, write_json_atomic)
 from .resume import (SUMMARY_FILE, ResumeState, absorb_stale_shards, build_run_record,
+                     check_unfinished_run,
                      merge_record_lines, open_output, pending_batches, run_settings, shard_dir)
 from .sampling import MCSampler, resolve_strategy, single_pass
 from .uncertainty import summarize_samples
@@ -290,8 +291,7 @@ def _log_listing(image_list, infer):
 
 
 def _log_skipped(record):
-    integration.get_logger().warning(f"Skipped {printable(record['file_name'])}: "
-                                     f"{printable(record['error'])}")
+    integration.get_logger().warning(f"Skipped {printable(record['error'])}")
 
 
 def _build_summary(config, config_path, run, image_list, strategy, devices, outcome, started):
@@ -390,6 +390,8 @@ def run_infer(config, config_path=None):
     image_list = list_images(infer.infer_imgs, infer.infer_list)
     run.paths = dataset.paths = list(image_list.paths)
     _log_listing(image_list, infer)
+    if infer.save_dir:
+        check_unfinished_run(infer.save_dir, infer.resume)
     if ranks.world_size > 1:
         return _infer_on_ranks(config, config_path, run, dataset, image_list, device,
                                strategy, ranks, started)

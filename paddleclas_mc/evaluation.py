@@ -303,8 +303,7 @@ def run_eval(config, config_path=None):
             for index, message in batch["errors"]:
                 failed.append((int(index), dataset.paths[int(index)], message))
                 if ranks.world_size == 1:
-                    logger.warning(f"Not scored {printable(dataset.paths[int(index)])}: "
-                                   f"{printable(message)}")
+                    logger.warning(f"Not scored {printable(message)}")
             if not len(batch["indices"]):
                 continue
 
@@ -338,8 +337,8 @@ def run_eval(config, config_path=None):
 
     def merge_and_write():
         all_failed = [entry for report in reports for entry in report["failed"]]
-        for _, name, message in sorted(all_failed):
-            logger.warning(f"Not scored {printable(name)}: {printable(message)}")
+        for _, _, message in sorted(all_failed):
+            logger.warning(f"Not scored {printable(message)}")
         return _write_report(config, config_path, _merge_runs(config, reports), all_failed,
                              reports, setup, started)
 

@@ -48,6 +48,7 @@ __all__ = [
     "ResumeState",
     "absorb_stale_shards",
     "build_run_record",
+    "check_unfinished_run",
     "file_sha256",
     "merge_record_lines",
     "open_output",
@@ -88,6 +89,20 @@ def _text_sha256(lines):
     return digest.hexdigest()
 
 
+def _file_stamps(paths):
+    """Yield ``"<size> <mtime_ns>"`` per path, so a replaced image changes the fingerprint.
+
+    Only ``os.stat`` runs here: no image is read. A missing file gives ``"-"``.
+    """
+    for path in paths:
+        try:
+            stat = os.stat(path)
+        except OSError:
+            yield "-"
+            continue
+        yield f"{stat.st_size} {stat.st_mtime_ns}"
+
+
 def run_settings(config, mc, infer, device, amp, checkpoint_file, class_id_map, paths):
     """Collect the settings that shape the records of an infer run.
 
@@ -123,7 +138,8 @@ def run_settings(config, mc, infer, device, amp, checkpoint_file, class_id_map, 
         "Infer.batch_size": infer.batch_size,
         "Infer.PostProcess.topk": infer.topk,
         "Infer.PostProcess.class_id_map_file (sha256)": label_map,
-        "Infer.infer_imgs (images)": {"count": len(paths), "sha256": _text_sha256(paths)},
+        "Infer.infer_imgs (images)": {"count": len(paths), "sha256": _text_sha256(paths),
+                                      "files (sha256)": _text_sha256(_file_stamps(paths))},
     })
 
 
@@ -222,6 +238,39 @@ def _resume_state(records, paths, summary, fingerprint, writer):
                 and summary.get("fingerprint") == fingerprint and len(state.done) == len(known))
     state.finished_summary = summary if finished else None
     return state
+
+
+def check_unfinished_run(save_dir, resume):
+    """Reject overwriting an unfinished run when ``Infer.resume`` is unset.
+
+    Only an explicit ``Infer.resume=False`` replaces records of a run that has
+    no finished ``summary.json``, so a typo in the key cannot throw away
+    finished batches. Shards of a multi-process run count as records.
+
+    Args:
+        save_dir: ``Infer.save_dir``.
+        resume: ``Infer.resume``: True, False, or None when unset.
+
+    Raises:
+        ValueError: when ``resume`` is None and ``save_dir`` holds records of
+            an unfinished run.
+    """
+    if resume is not None:
+        return
+    summary = _read_json(os.path.join(save_dir, SUMMARY_FILE))
+    if summary and summary.get("finished"):
+        return
+
+    candidates = [os.path.join(save_dir, PredictionWriter.file_name)]
+    if os.path.isdir(save_dir):
+        candidates += [os.path.join(save_dir, name, PredictionWriter.file_name)
+                       for name in sorted(os.listdir(save_dir)) if name.startswith(".rank")]
+    for path in candidates:
+        if os.path.isfile(path) and os.path.getsize(path) > 0:
+            raise ValueError(
+                f"Infer.save_dir: {path} holds records of an unfinished run. Set -o "
+                "Infer.resume=True to continue it, or -o Infer.resume=False to "
+                "overwrite it.")
 
 
 def open_output(save_dir, run_record, paths, resume, logger):

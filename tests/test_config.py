@@ -138,7 +138,7 @@ def test_path_value_rejects(value):
 def test_infer_resume_parsed():
     section = dict(TestInferSection.base["Infer"], save_dir="out", resume=True)
     assert parse_infer_section({"Infer": section}).resume is True
-    assert parse_infer_section(TestInferSection.base).resume is False
+    assert parse_infer_section(TestInferSection.base).resume is None
 
 
 def test_infer_unknown_key_warns(caplog):
@@ -148,3 +148,10 @@ def test_infer_unknown_key_warns(caplog):
         parse_infer_section({"Infer": section})
     assert "Infer.infer_img is not read" in caplog.text
     assert "did you mean Infer.infer_imgs?" in caplog.text
+
+
+def test_override_none_is_null():
+    config = {}
+    apply_overrides(config, ["Global.pretrained_model=None", "Global.name=Nonesuch"])
+    assert config["Global"]["pretrained_model"] is None
+    assert config["Global"]["name"] == "Nonesuch"

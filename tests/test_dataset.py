@@ -2,6 +2,9 @@
 
 import io
 import os
+import subprocess
+import sys
+import time
 
 import cv2
 import numpy as np
@@ -722,3 +725,53 @@ def test_loader_given_batches(loader_folder, num_workers):
     assert first == [2, 3]
     last = batches[1]["indices"].numpy().tolist() + [i for i, _ in batches[1]["errors"]]
     assert last == [len(paths) - 1]
+
+
+def test_list_images_follows_folder_links(tmp_path):
+    target = tmp_path / "elsewhere" / "three"
+    target.mkdir(parents=True)
+    Image.fromarray(np.zeros((4, 4, 3), np.uint8)).save(target / "a.png")
+    root = tmp_path / "dataset"
+    root.mkdir()
+    os.symlink(target, root / "three")
+    os.symlink(target, root / "three_again")
+    os.symlink(root, root / "loop")
+
+    listed = list_images(str(root)).paths
+
+    assert listed == [str(root / "three" / "a.png")]
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="uses Linux's parent-death signal")
+def test_loader_workers_exit_with_killed_parent(tmp_path):
+    script = tmp_path / "run_loader.py"
+    script.write_text(
+        "import os, sys, time\n"
+        "import numpy as np\n"
+        "from paddleclas_mc.dataset import build_loader\n"
+        "class Slow:\n"
+        "    def __len__(self): return 1000\n"
+        "    def __getitem__(self, i):\n"
+        "        print('worker', os.getpid(), flush=True); time.sleep(0.5)\n"
+        "        return {'index': i, 'path': str(i), 'image': np.zeros(2, np.float32), 'error': ''}\n"
+        "for batch in build_loader(Slow(), 2, num_workers=2):\n"
+        "    pass\n")
+    process = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True)
+    workers = set()
+    while len(workers) < 2:
+        workers.add(int(process.stdout.readline().split()[1]))
+
+    process.kill()
+    process.wait()
+    deadline = time.time() + 10
+    while time.time() < deadline and any(os.path.exists(f"/proc/{pid}") for pid in workers):
+        time.sleep(0.2)
+
+    assert not [pid for pid in workers if os.path.exists(f"/proc/{pid}")]
+
+
+def test_label_list_as_infer_imgs_points_to_infer_list(tmp_path):
+    Image.fromarray(np.zeros((4, 4, 3), np.uint8)).save(tmp_path / "a.png")
+    (tmp_path / "val_list.txt").write_text("a.png 0\n")
+    with pytest.raises(ValueError, match="Infer.infer_list"):
+        list_images(str(tmp_path / "val_list.txt"))

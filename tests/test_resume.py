@@ -348,3 +348,35 @@ def test_fresh_run_deletes_stale_shards(finished_run, tmp_path):
     assert not shard.exists()
     assert records_by_file(save_dir / "predictions.jsonl") == records_by_file(
         finished_run[0] / "predictions.jsonl")
+
+
+def test_unset_resume_keeps_unfinished_run(tmp_path, capsys):
+    save_dir = tmp_path / "run"
+    save_dir.mkdir()
+    (save_dir / "predictions.jsonl").write_bytes(b'{"file_name": "a.png", "class_ids": [1]}\n')
+    options = []
+    for option in small_overrides(save_dir):
+        options += ["-o", option]
+
+    assert main(["infer", "-c", MC_CONFIG, *options]) == 2
+
+    assert "Infer.resume=False to overwrite" in capsys.readouterr().err
+    assert (save_dir / "predictions.jsonl").read_bytes().startswith(b'{"file_name": "a.png"')
+
+
+def test_replaced_image_rejects_resume(tmp_path, capsys):
+    images = tmp_path / "images"
+    shutil.copytree(THREES, images)
+    save_dir = tmp_path / "run"
+    overrides = small_overrides(save_dir) + [f"Infer.infer_imgs={images}"]
+    run_infer(load_config(MC_CONFIG, overrides))
+    (save_dir / "summary.json").unlink()
+    first, second = sorted(images.iterdir())[:2]
+    shutil.copy(second, first)
+    options = []
+    for option in overrides + ["Infer.resume=True"]:
+        options += ["-o", option]
+
+    assert main(["infer", "-c", MC_CONFIG, *options]) == 2
+
+    assert "Infer.infer_imgs (images)" in capsys.readouterr().err
