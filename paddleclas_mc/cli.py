@@ -2,10 +2,13 @@
 
     paddleclas-mc infer -c configs/demo/mc_digits.yaml
     paddleclas-mc eval -c configs/demo/mc_digits.yaml -o MCDropout.samples=50
+    paddleclas-mc export -c configs/demo/mc_digits.yaml -o Global.image_shape=[3,32,32]
+    paddleclas-mc predict -c configs/demo/mc_digits.yaml -o Global.inference_model_dir=./inference
     paddleclas-mc bench ...
 
-``infer`` and ``eval`` take PaddleClas's ``-c`` and ``-o`` flags and run
-exactly what ``tools/infer.py`` and ``tools/eval.py`` run. ``bench`` passes
+``infer``, ``eval``, ``export`` and ``predict`` take PaddleClas's ``-c`` and
+``-o`` flags and run exactly what ``tools/infer.py``, ``tools/eval.py``,
+``tools/export_model.py`` and ``tools/predict.py`` run. ``bench`` passes
 its arguments to ``paddleclas_mc.bench.main``.
 """
 
@@ -20,6 +23,8 @@ __all__ = ["COMMANDS", "main"]
 COMMANDS = {
     "infer": "Monte Carlo Dropout inference for a PaddleClas model",
     "eval": "single-pass and Monte Carlo Dropout evaluation of a PaddleClas model",
+    "export": "export an inference model, with Monte Carlo Dropout inside the graph",
+    "predict": "run an exported inference model over Infer.infer_imgs",
     "bench": "benchmark MC Dropout sampling, with the options of paddleclas_mc.bench",
 }
 
@@ -32,12 +37,13 @@ def _usage():
              "commands:"]
     lines += [f"  {name:<8}{description}" for name, description in COMMANDS.items()]
     lines += ["", "Run 'paddleclas-mc COMMAND -h' for the options of a command.",
-              "infer and eval take PaddleClas's flags: -c CONFIG [-o KEY=VALUE ...]."]
+              "infer, eval, export and predict take PaddleClas's flags: "
+              "-c CONFIG [-o KEY=VALUE ...]."]
     return "\n".join(lines)
 
 
 def _run_config_command(command, argv):
-    """Run ``infer`` or ``eval`` on a PaddleClas config and return the exit status."""
+    """Run ``infer``, ``eval``, ``export`` or ``predict`` on a config and return the exit status."""
     from . import integration
     from .config import build_arg_parser, load_config
 
@@ -49,9 +55,15 @@ def _run_config_command(command, argv):
         if command == "infer":
             from .engine import run_infer
             run_infer(config, config_path=args.config)
-        else:
+        elif command == "eval":
             from .evaluation import run_eval
             run_eval(config, config_path=args.config)
+        elif command == "export":
+            from .export import run_export
+            run_export(config, config_path=args.config)
+        else:
+            from .predictor import run_predict
+            run_predict(config, config_path=args.config)
     except (ValueError, FileNotFoundError) as error:
         print(f"error: {error}", file=sys.stderr)
         return USAGE_ERROR
@@ -80,7 +92,7 @@ def _run_bench(argv):
 def main(argv=None):
     """Run a ``paddleclas-mc`` subcommand and return its exit status.
 
-    Configuration errors of ``infer`` and ``eval`` are printed as one line
+    Configuration errors of the config commands are printed as one line
     naming the key and the fix, with exit status 2, instead of a traceback.
 
     Args:

@@ -49,8 +49,8 @@ class TestUsage:
         assert "error: missing command" in capsys.readouterr().err
 
     def test_unknown_command_exits_2(self, capsys):
-        assert main(["predict"]) == 2
-        assert "error: unknown command 'predict'" in capsys.readouterr().err
+        assert main(["train"]) == 2
+        assert "error: unknown command 'train'" in capsys.readouterr().err
 
     def test_command_help_shows_flags(self, capsys):
         with pytest.raises(SystemExit) as exit_info:

@@ -19,6 +19,7 @@ import sys
 __all__ = [
     "build_model",
     "create_preprocess_ops",
+    "dump_infer_config",
     "get_logger",
     "load_pretrained",
     "parse_config_file",
@@ -90,6 +91,14 @@ def parse_config_file(path):
 def print_config(config):
     """Log the resolved config the way PaddleClas's tools do at start-up."""
     _import_ppcls("utils.config").print_config(config)
+
+
+def dump_infer_config(config, path):
+    """Write PaddleClas's ``inference.yml`` (preprocessing and postprocessing) for an export.
+
+    PaddleClas's export writes it when ``Global.export_for_fd`` is set.
+    """
+    _import_ppcls("utils.config").dump_infer_config(config, path)
 
 
 def build_model(config):
