@@ -12,8 +12,13 @@ Strategies:
   ``max_batch`` images. Each row gets its own dropout mask, so row ``t * B + b``
   is pass t of image b. The repeated batch is never built whole, so memory is
   bounded by ``max_batch`` whatever T is.
-- ``auto``: ``tiled`` when the batch is smaller than ``max_batch`` (so a
-  tiled forward carries more images than a loop forward would), else ``loop``.
+- ``prefix``: the layers before the first stochastic layer run once per
+  batch, and only the rest runs on T * B rows, in forwards of at most
+  ``max_batch`` rows (see ``prefix.py``). A probe checks once per input shape
+  that this reproduces the single pass.
+- ``auto``: ``prefix`` when the probe passes. Otherwise ``tiled`` when the
+  batch is smaller than ``max_batch`` (so a tiled forward carries more images
+  than a loop forward would), else ``loop``.
 """
 
 import contextlib
@@ -24,8 +29,11 @@ import paddle
 import paddle.nn.functional as F
 
 from .dropout import eval_mode, find_stochastic_layers, mc_dropout
+from .prefix import PrefixPlan, probe_prefix, sample_prefix
 
-__all__ = ["MCSampler", "extract_logits", "resolve_strategy", "single_pass"]
+__all__ = ["MCSampler", "STRATEGIES", "extract_logits", "resolve_strategy", "single_pass"]
+
+STRATEGIES = ("auto", "loop", "tiled", "prefix")
 
 # Output keys PaddleClas models use, in the order PaddleClas's Engine checks them.
 _OUTPUT_KEYS = ("Student", "logits", "output")
@@ -57,7 +65,11 @@ def extract_logits(output):
 
 
 def resolve_strategy(strategy, batch_size, max_batch):
-    """Pick the concrete strategy for ``auto`` and say why.
+    """Pick ``tiled`` or ``loop`` for ``auto`` from the batch size, with the reason.
+
+    This is ``auto``'s rule when the prefix strategy cannot run. Whether it
+    can depends on the model and the input shape, so the full choice is
+    ``MCSampler.describe_strategy``.
 
     Returns:
         A tuple ``(strategy, reason)``.
@@ -97,8 +109,9 @@ class MCSampler:
         model: any ``paddle.nn.Layer`` returning logits (or a list or dict
             holding them, see ``extract_logits``).
         samples: T, the number of stochastic passes (>= 2).
-        strategy: ``auto``, ``loop`` or ``tiled``.
-        max_batch: the most images one forward may carry when tiling.
+        strategy: ``auto``, ``loop``, ``tiled`` or ``prefix``.
+        max_batch: the max images one forward may carry when tiling, and the
+            max rows the layers after the split get with ``prefix``.
         drop_path: also sample DropPath layers.
         functional_dropout: names of sublayers that own a functional dropout.
         amp_level: run forwards under ``paddle.amp.auto_cast`` at this level
@@ -119,8 +132,9 @@ class MCSampler:
                  amp_level: Optional[str] = None):
         if samples < 2:
             raise ValueError(f"samples must be >= 2, got {samples}.")
-        if strategy not in ("auto", "loop", "tiled"):
-            raise ValueError(f"strategy must be auto, loop or tiled, got {strategy!r}.")
+        if strategy not in STRATEGIES:
+            raise ValueError(f"strategy must be one of {', '.join(STRATEGIES)}, "
+                             f"got {strategy!r}.")
         if max_batch < 1:
             raise ValueError(f"max_batch must be >= 1, got {max_batch}.")
 
@@ -132,6 +146,8 @@ class MCSampler:
         self.functional_dropout = tuple(functional_dropout)
         self.amp_level = amp_level
         self.stochastic_layers = find_stochastic_layers(model, drop_path, self.functional_dropout)
+        # Probe results per (input shape without the batch axis, dtype).
+        self._prefix_plans = {}
 
     def _forward(self, images):
         return _forward_probs(self.model, images, self.amp_level)
@@ -148,6 +164,57 @@ class MCSampler:
             chunks.append(self._forward(paddle.gather(images, rows)).numpy())
         return np.concatenate(chunks).reshape(self.samples, batch_size, -1)
 
+    def prefix_plan(self, images: paddle.Tensor) -> PrefixPlan:
+        """Return the prefix probe's result for the input shape of ``images``.
+
+        The probe runs once per input shape and dtype (a few forwards of 2
+        images, see ``prefix.probe_prefix``), and its result is cached.
+        """
+        key = (tuple(images.shape[1:]), str(images.dtype))
+        if key not in self._prefix_plans:
+            self._prefix_plans[key] = probe_prefix(self._forward, self.model,
+                                                   self.stochastic_layers, images,
+                                                   amp=self.amp_level is not None)
+        return self._prefix_plans[key]
+
+    def describe_strategy(self, batch_size: int,
+                          sample_images: Optional[paddle.Tensor] = None):
+        """Pick the strategy that ``sample`` runs for such batches, with the reason.
+
+        Args:
+            batch_size: the number of images per batch.
+            sample_images: a batch of the input shape, at least one image.
+                Required for ``auto`` and ``prefix``, whose choice runs the
+                prefix probe on it.
+
+        Returns:
+            A tuple ``(strategy, reason)``, strategy being ``loop``, ``tiled``
+            or ``prefix``.
+
+        Raises:
+            ValueError: when the strategy is ``prefix`` and the probe shows it
+                cannot run on this model, with the reason; or when
+                ``sample_images`` is missing for ``auto`` or ``prefix``.
+        """
+        if self.strategy in ("loop", "tiled"):
+            return resolve_strategy(self.strategy, batch_size, self.max_batch)
+        if sample_images is None:
+            raise ValueError(f"strategy {self.strategy} needs sample_images to probe "
+                             "the prefix strategy.")
+
+        plan = self.prefix_plan(sample_images)
+        if plan.usable:
+            source = "set in the config" if self.strategy == "prefix" else "auto"
+            return "prefix", f"{source}: {plan.reason}"
+        if self.strategy == "prefix":
+            raise ValueError(
+                f"strategy prefix cannot run on {type(self.model).__name__} with input "
+                f"shape {list(sample_images.shape[1:])}: {plan.reason}. Use strategy "
+                "tiled or loop (MCDropout.strategy in a config), or auto, which falls "
+                "back to them.")
+        strategy, reason = resolve_strategy("auto", batch_size, self.max_batch)
+        return strategy, f"{reason}; prefix ruled out: {plan.reason}"
+
     def sample(self, images: paddle.Tensor, seed: Optional[int] = None) -> np.ndarray:
         """Run T stochastic passes over a batch.
 
@@ -158,14 +225,21 @@ class MCSampler:
 
         Returns:
             float32 softmax outputs of shape ``[T, batch_size, num_classes]``.
+
+        Raises:
+            ValueError: when the strategy is ``prefix`` and it cannot run on
+                this model (see ``describe_strategy``).
         """
-        strategy, _ = resolve_strategy(self.strategy, images.shape[0], self.max_batch)
+        strategy, _ = self.describe_strategy(images.shape[0], images)
         with paddle.no_grad(), _seeded(seed), \
                 mc_dropout(self.model, self.drop_path, self.functional_dropout):
             if strategy == "loop":
                 probs = np.stack(self._sample_loop(images))
-            else:
+            elif strategy == "tiled":
                 probs = self._sample_tiled(images)
+            else:
+                probs = sample_prefix(self._forward, self.prefix_plan(images), images,
+                                      self.samples, self.max_batch)
         return probs.astype(np.float32, copy=False)
 
     def single_pass(self, images: paddle.Tensor) -> np.ndarray:

@@ -108,3 +108,37 @@ def test_invalid_sampler_arguments(small_net):
         MCSampler(small_net, samples=1)
     with pytest.raises(ValueError, match="strategy"):
         MCSampler(small_net, strategy="fast")
+
+
+class TestPrefixStrategyChoice:
+    def test_strategy_lists_agree(self):
+        from paddleclas_mc.config import STRATEGIES as CONFIG_STRATEGIES
+        from paddleclas_mc.sampling import STRATEGIES
+        assert CONFIG_STRATEGIES == STRATEGIES
+        assert "prefix" in STRATEGIES
+
+    def test_resolve_keeps_explicit_prefix(self):
+        assert resolve_strategy("prefix", 8, 64) == ("prefix", "set in the config")
+
+    def test_invalid_strategy_lists_prefix(self, small_net):
+        with pytest.raises(ValueError, match="auto, loop, tiled, prefix"):
+            MCSampler(small_net, strategy="fast")
+
+    def test_loop_and_tiled_need_no_images(self, small_net):
+        assert MCSampler(small_net, strategy="loop").describe_strategy(8) == (
+            "loop", "set in the config")
+        assert MCSampler(small_net, strategy="tiled").describe_strategy(8)[0] == "tiled"
+
+    def test_auto_needs_images(self, small_net):
+        with pytest.raises(ValueError, match="needs sample_images"):
+            MCSampler(small_net, strategy="auto").describe_strategy(8)
+
+    def test_auto_prefers_prefix(self, small_net, images):
+        strategy, reason = MCSampler(small_net, strategy="auto").describe_strategy(5, images)
+        assert strategy == "prefix"
+        assert reason.startswith("auto: dropout is the first stochastic layer called")
+
+    def test_explicit_prefix_reason(self, small_net, images):
+        strategy, reason = MCSampler(small_net, strategy="prefix").describe_strategy(5, images)
+        assert strategy == "prefix"
+        assert reason.startswith("set in the config: ")
