@@ -27,7 +27,8 @@ from .resume import (SUMMARY_FILE, ResumeState, absorb_stale_shards, build_run_r
 from .sampling import MCSampler, resolve_strategy, single_pass
 from .uncertainty import summarize_samples
 
-__all__ = ["batch_seed", "build_inference_model", "checkpoint_file", "probe_num_classes",
+__all__ = ["batch_seed", "build_inference_model", "checkpoint_file", "describe_strategy",
+           "probe_num_classes",
            "run_infer", "set_device"]
 
 
@@ -238,6 +239,29 @@ def _predict_batch(batch, batch_index, run):
     return [records[index] for index in sorted(records)]
 
 
+def describe_strategy(sampler, dataset, batch_size):
+    """Pick the sampling strategy of a run before any image is read, with the reason.
+
+    ``auto`` and ``prefix`` need an input to probe the prefix split on; a black
+    test image preprocessed by the dataset's ops has the shape real images get.
+
+    Returns:
+        A tuple ``(strategy, reason)``.
+
+    Raises:
+        ValueError: when ``MCDropout.strategy`` is ``prefix`` and the model
+            does not allow it, with the reason.
+    """
+    try:
+        image = dataset.probe(224, 224)
+    except ValueError:
+        if sampler.strategy in ("loop", "tiled"):
+            return resolve_strategy(sampler.strategy, batch_size, sampler.max_batch)
+        return sampler.strategy, ("decided on the first batch, since the test image "
+                                  "does not pass the preprocessing ops")
+    return sampler.describe_strategy(batch_size, paddle.to_tensor(image[np.newaxis]))
+
+
 def _prepare(config, ranks):
     """Check the config and build the model, sampler and dataset, reading no image.
 
@@ -262,7 +286,7 @@ def _prepare(config, ranks):
     if mc.enable:
         sampler = MCSampler(model, mc.samples, mc.strategy, mc.max_batch,
                             mc.drop_path, mc.functional_dropout, amp)
-        strategy, reason = resolve_strategy(mc.strategy, infer.batch_size, mc.max_batch)
+        strategy, reason = describe_strategy(sampler, dataset, infer.batch_size)
         layers = ", ".join(f"{item.name or type(item.layer).__name__} ({item.kind}, "
                            f"rate {item.rate})" for item in sampler.stochastic_layers)
         logger.info(f"MC Dropout: T={mc.samples}, strategy={strategy} ({reason}), "

@@ -18,14 +18,14 @@ from tqdm import tqdm
 from . import distributed, integration
 from .config import parse_mc_section, path_value
 from .dataset import build_loader
-from .engine import (amp_level, batch_seed, build_inference_model, printable,
-                     probe_num_classes, set_device)
+from .engine import (amp_level, batch_seed, build_inference_model, describe_strategy,
+                     printable, probe_num_classes, set_device)
 from .labelled_dataset import build_eval_loader
 from .metrics import (Brier, CalibrationError, MisclassificationDetection, NLL,
                       SelectivePrediction, TopkAcc, build_metrics)
 from .output import write_json_atomic
 from .plots import plot_reliability_diagram, plot_risk_coverage, plot_uncertainty_histograms
-from .sampling import MCSampler, resolve_strategy, single_pass
+from .sampling import MCSampler, single_pass
 from .uncertainty import entropy, summarize_samples
 
 __all__ = ["build_run_metrics", "check_labels", "run_eval"]
@@ -281,7 +281,7 @@ def run_eval(config, config_path=None):
     if num_classes is not None:
         check_labels(dataset.paths, dataset.labels, num_classes, label_source)
     if sampler is not None:
-        strategy, reason = resolve_strategy(mc.strategy, loader.batch_size, mc.max_batch)
+        strategy, reason = describe_strategy(sampler, dataset, loader.batch_size)
         logger.info(f"MC Dropout: T={mc.samples}, strategy={strategy} ({reason}), "
                     f"seed={mc.seed}, device={device}")
     processes = f" on {ranks.world_size} processes" if ranks.world_size > 1 else ""

@@ -41,6 +41,11 @@ class LabelledImageDataset(ImageFolderDataset):
         super().__init__(paths, transform_ops, config_key=config_key)
         self.labels = [int(label) for label in labels]
 
+    def probe(self, height=224, width=224):
+        """Preprocess a black test image and transpose it to CHW, as items are."""
+        image = super().probe(height, width)
+        return image.transpose((2, 0, 1)).copy() if image.ndim == 3 else image
+
     def __getitem__(self, index):
         item = super().__getitem__(index)
         item["label"] = self.labels[index]

@@ -91,7 +91,7 @@ class TestMCInference:
             summary = json.load(file)
         assert summary["samples"] == 6
         assert summary["seed"] == 2024
-        assert summary["strategy"] == "tiled"
+        assert summary["strategy"] == "prefix"
         assert summary["device"] == "cpu"
         assert len(summary["failed_files"]) == 2
 
