@@ -144,3 +144,11 @@ def test_eval_writes_metrics(tmp_path):
     assert metrics["samples"] == 4
     assert metrics["mc_dropout"]["top1"] > 0.9
     assert metrics["single_pass"]["top1"] > 0.9
+
+
+def test_bench_command_runs_smoke(tmp_path):
+    command = [sys.executable, "-m", "paddleclas_mc", "bench", "--smoke",
+               "--output", str(tmp_path / "bench.md")]
+    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert (tmp_path / "bench.md").read_text(encoding="utf-8").count("|") > 10

@@ -105,7 +105,7 @@ def _write_sets(sets, folder):
 def _score(config_path, overrides, infer_imgs, save_dir, mc_enable):
     config = load_config(config_path, overrides + [
         f"Infer.infer_imgs={infer_imgs}", f"Infer.save_dir={save_dir}",
-        f"MCDropout.enable={mc_enable}", "Infer.PostProcess.topk=1"])
+        f"MCDropout.enable={mc_enable}", "Infer.PostProcess.topk=1", "Infer.resume=False"])
     run_infer(config)
     scores = {}
     with open(os.path.join(save_dir, "predictions.jsonl"), encoding="utf-8") as file:
