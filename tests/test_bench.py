@@ -1,5 +1,6 @@
 """tools/bench.py in its smoke mode; the full benchmark is never run by the tests."""
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -53,3 +54,21 @@ def test_report_from_saved_results(smoke_run, tmp_path):
         capture_output=True, text=True, timeout=120, cwd=ROOT)
     assert completed.returncode == 0, completed.stderr[-3000:]
     assert rendered.read_text(encoding="utf-8") == report.read_text(encoding="utf-8")
+
+
+def test_rewrite_keeps_hand_written_part(smoke_run, tmp_path):
+    _, _, _, raw = smoke_run
+    spec = importlib.util.spec_from_file_location("bench_tool", BENCH)
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    marker = tool.HAND_WRITTEN_MARKER
+    page = tmp_path / "page.md"
+    page.write_text(f"old numbers\n{marker}\n\n## Notes\n\nKept.\n", encoding="utf-8")
+    completed = subprocess.run(
+        [sys.executable, BENCH, "--from-json", str(raw), "--output", str(page)],
+        capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    text = page.read_text(encoding="utf-8")
+    assert "old numbers" not in text
+    assert text.startswith("# Benchmarks: MC Dropout sampling strategies")
+    assert text.endswith("\n## Notes\n\nKept.\n")

@@ -60,6 +60,11 @@ DEFAULT_MODELS = [
 SMOKE_MODEL = "PPLCNet_x0_25"
 STRATEGIES = ("loop", "tiled", "prefix")
 RESULT_MARKER = "BENCH_RESULT "
+# The report ends with this line. Whatever follows it in an existing output
+# file is kept when the tool rewrites the file, so sections written by hand
+# go below it.
+HAND_WRITTEN_MARKER = ("<!-- Sections below this line are written by hand; tools/bench.py "
+                       "keeps them when it rewrites this page. -->")
 # Timed single passes after each strategy run, the reference of its time ratio.
 REFERENCE_REPEATS = 2
 
@@ -232,8 +237,8 @@ def run_time_job(job):
         single_pass(model, images)
     times = [_timed(lambda: sampler.sample(images, seed=index))
              for index in range(job["repeats"])]
-    # Peak memory is read before the reference passes, which run the B-image
-    # forward that loop already ran but tiled and prefix did not.
+    # Peak memory is read before the reference passes, so their B-image
+    # forwards do not count towards the strategy's peak.
     result = {"time_s": statistics.median(times), **_memory_fields()}
 
     # The reference single pass runs right after, in this process, so that
@@ -432,7 +437,7 @@ def run_benchmark(args):
                                     "unusable": single_results[model]["auto_reason"]})
                     continue
                 estimate = (single_times[model] or 0) * job["samples"]
-                # The smallest T always runs, so every model has a loop and a tiled time.
+                # The smallest T always runs, so every model has a loop time.
                 limited = (args.max_config_seconds > 0 and job["strategy"] != "prefix"
                            and job["samples"] != min(args.samples))
                 if limited and estimate > args.max_config_seconds:
@@ -670,6 +675,18 @@ def _check_lines(report):
             lines.append(f"- auto ({strategy}) / loop for {model} at T={samples}: "
                          f"{ratio / loop:.2f}: never slower than loop {verdict}.")
 
+    tiled_over_loop = [report.measured[(model, "tiled", samples)]["time_s"]
+                       / report.measured[(model, "loop", samples)]["time_s"]
+                       for model in args.models for samples in args.samples
+                       if (model, "tiled", samples) in report.measured
+                       and (model, "loop", samples) in report.measured]
+    if tiled_over_loop:
+        lines.append(f"- tiled / loop, where both ran: {min(tiled_over_loop):.2f} to "
+                     f"{max(tiled_over_loop):.2f}. Both run the same T x B image passes, "
+                     f"tiled in forwards of {args.max_batch} images and loop in forwards of "
+                     f"{args.batch_size}, so above 1 a forward of {args.max_batch} images "
+                     "costs more per image on this machine.")
+
     few, many = min(args.memory_images), max(args.memory_images)
     for threshold in [None] + ([args.memory_mmap_threshold] if args.memory_mmap_threshold else []):
         growth = _memory_growth(report, threshold)
@@ -787,6 +804,18 @@ def render_markdown(data):
     return "\n".join(lines) + "\n"
 
 
+def write_report(path, markdown):
+    """Write the report to ``path``, keeping the hand-written part of the file there."""
+    hand_written = "\n"
+    if os.path.isfile(path):
+        with open(path, encoding="utf-8") as file:
+            previous = file.read()
+        if HAND_WRITTEN_MARKER in previous:
+            hand_written = previous.split(HAND_WRITTEN_MARKER, 1)[1]
+    with open(path, "w", encoding="utf-8") as file:
+        file.write(markdown + "\n" + HAND_WRITTEN_MARKER + hand_written)
+
+
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     args = build_arg_parser().parse_args(argv)
@@ -804,8 +833,7 @@ def main(argv=None):
         data["context"] = _run_context(args, argv)
     markdown = render_markdown(data)
     if output:
-        with open(output, "w", encoding="utf-8") as file:
-            file.write(markdown)
+        write_report(output, markdown)
         print(f"Wrote {output}", file=sys.stderr)
     else:
         sys.stdout.write(markdown)
