@@ -16,7 +16,6 @@ records that ``tools/infer.py`` writes (``predictions.jsonl`` and
 compared line by line.
 """
 
-import contextlib
 import dataclasses
 import json
 import os
@@ -32,6 +31,7 @@ from .dataset import ImageFolderDataset, build_loader, list_images
 from .engine import batch_seed, printable
 from .output import (PredictionWriter, build_records, check_class_id_map, error_record,
                      load_class_id_map, write_json_atomic)
+from .sampling import seeded
 from .uncertainty import MEASURES
 
 __all__ = [
@@ -185,26 +185,6 @@ class InferenceModel:
         return named["probs"], {name: named[name] for name in MEASURES}
 
 
-@contextlib.contextmanager
-def _seeded(seed):
-    """Seed Paddle's CPU and device generators for the block, then restore their state.
-
-    The random ops of an MC Dropout export draw from these generators when
-    the predictor runs in this process, so a seed fixes the masks.
-    """
-    if seed is None:
-        yield
-        return
-    cpu_state = paddle.get_rng_state("cpu")
-    device_state = paddle.get_rng_state()
-    paddle.seed(seed)
-    try:
-        yield
-    finally:
-        paddle.set_rng_state(device_state)
-        paddle.set_rng_state(cpu_state, "cpu")
-
-
 def _read_predict_settings(config):
     """Return ``(model_dir, device, cpu_threads)`` from the ``Global`` section."""
     section = config.get("Global") or {}
@@ -254,7 +234,9 @@ def _predict_batch(run, batch, batch_index):
     if indices:
         images = batch["images"]
         images = images.numpy() if isinstance(images, paddle.Tensor) else np.asarray(images)
-        with _seeded(batch_seed(run.seed, batch_index) if run.model.is_mc else None):
+        # The random ops of an MC export draw from Paddle's generators in this
+        # process, so seeding them fixes the masks.
+        with seeded(batch_seed(run.seed, batch_index) if run.model.is_mc else None):
             probs, measures = run.model.predict(images)
 
         if run.num_classes is None:

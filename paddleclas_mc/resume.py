@@ -165,6 +165,18 @@ class ResumeState:
     failed: list = dataclasses.field(default_factory=list)
     finished_summary: Optional[dict] = None
 
+    def add(self, record):
+        """Count one earlier record; return False when its file already has one."""
+        name = record["file_name"]
+        if name in self.done:
+            return False
+        self.done.add(name)
+        if "error" in record:
+            self.failed.append(record)
+        else:
+            self.predicted += 1
+        return True
+
 
 def _read_json(path):
     """Return the JSON object stored at ``path``, or None when missing or unreadable."""
@@ -226,13 +238,7 @@ def _resume_state(records, paths, summary, fingerprint, writer):
                 f"Infer.resume: {writer.path} has a record for {name!r}, which is not "
                 "among the images of Infer.infer_imgs. Rerun with -o Infer.resume=False "
                 "to start over.")
-        if name in state.done:
-            continue
-        state.done.add(name)
-        if "error" in record:
-            state.failed.append(record)
-        else:
-            state.predicted += 1
+        state.add(record)
 
     finished = (summary is not None and summary.get("finished") is True
                 and summary.get("fingerprint") == fingerprint and len(state.done) == len(known))
@@ -252,8 +258,8 @@ def check_unfinished_run(save_dir, resume):
         resume: ``Infer.resume``: True, False, or None when unset.
 
     Raises:
-        ValueError: when ``resume`` is None and ``save_dir`` holds records of
-            an unfinished run.
+        ValueError: when ``resume`` is None and ``save_dir`` contains records
+            of an unfinished run.
     """
     if resume is not None:
         return
@@ -268,7 +274,7 @@ def check_unfinished_run(save_dir, resume):
     for path in candidates:
         if os.path.isfile(path) and os.path.getsize(path) > 0:
             raise ValueError(
-                f"Infer.save_dir: {path} holds records of an unfinished run. Set -o "
+                f"Infer.save_dir: {path} contains records of an unfinished run. Set -o "
                 "Infer.resume=True to continue it, or -o Infer.resume=False to "
                 "overwrite it.")
 
@@ -403,15 +409,8 @@ def absorb_stale_shards(writer, state, save_dir, first_rank, run_record, paths, 
 
         moved = []
         for record, line in lines:
-            name = record["file_name"]
-            if name in state.done:
-                continue
-            state.done.add(name)
-            if "error" in record:
-                state.failed.append(record)
-            else:
-                state.predicted += 1
-            moved.append(line + b"\n")
+            if state.add(record):
+                moved.append(line + b"\n")
         writer.write_bytes(b"".join(moved))
         shutil.rmtree(folder)
         if moved:

@@ -31,7 +31,8 @@ import paddle.nn.functional as F
 from .dropout import eval_mode, find_stochastic_layers, mc_dropout
 from .prefix import PrefixPlan, probe_prefix, sample_prefix
 
-__all__ = ["MCSampler", "STRATEGIES", "extract_logits", "resolve_strategy", "single_pass"]
+__all__ = ["MCSampler", "STRATEGIES", "extract_logits", "resolve_strategy", "seeded",
+           "single_pass"]
 
 STRATEGIES = ("auto", "loop", "tiled", "prefix")
 
@@ -84,8 +85,11 @@ def resolve_strategy(strategy, batch_size, max_batch):
 
 
 @contextlib.contextmanager
-def _seeded(seed):
-    """Seed Paddle's generators for the block, then put their state back."""
+def seeded(seed):
+    """Seed Paddle's CPU and device generators for the block, then restore their state.
+
+    With ``seed`` None the block runs unseeded.
+    """
     if seed is None:
         yield
         return
@@ -231,7 +235,7 @@ class MCSampler:
                 this model (see ``describe_strategy``).
         """
         strategy, _ = self.describe_strategy(images.shape[0], images)
-        with paddle.no_grad(), _seeded(seed), \
+        with paddle.no_grad(), seeded(seed), \
                 mc_dropout(self.model, self.drop_path, self.functional_dropout):
             if strategy == "loop":
                 probs = np.stack(self._sample_loop(images))
