@@ -16,9 +16,10 @@ Strategies:
   batch, and only the rest runs on T * B rows, in forwards of at most
   ``max_batch`` rows (see ``prefix.py``). A probe checks once per input shape
   that this reproduces the single pass.
-- ``auto``: ``prefix`` when the probe passes. Otherwise ``tiled`` when the
-  batch is smaller than ``max_batch`` (so a tiled forward carries more images
-  than a loop forward would), else ``loop``.
+- ``auto``: ``prefix`` when the probe passes. Otherwise ``loop`` on CPU,
+  where a larger forward does not cost less per image (docs/benchmarks.md);
+  on other devices ``tiled`` when the batch is smaller than ``max_batch`` (so a
+  tiled forward carries more images than a loop forward would), else ``loop``.
 """
 
 import contextlib
@@ -65,18 +66,28 @@ def extract_logits(output):
     return output
 
 
-def resolve_strategy(strategy, batch_size, max_batch):
-    """Pick ``tiled`` or ``loop`` for ``auto`` from the batch size, with the reason.
+def resolve_strategy(strategy, batch_size, max_batch, on_cpu=False):
+    """Pick ``tiled`` or ``loop`` for ``auto``, with the reason.
 
     This is ``auto``'s rule when the prefix strategy cannot run. Whether it
     can depends on the model and the input shape, so the full choice is
     ``MCSampler.describe_strategy``.
+
+    Args:
+        strategy: the configured strategy; anything but ``auto`` is kept.
+        batch_size: the number of images per batch.
+        max_batch: the most rows one tiled forward may carry.
+        on_cpu: whether the forwards run on CPU. A CPU gains nothing from
+            larger forwards, so ``auto`` loops there whatever the batch size.
 
     Returns:
         A tuple ``(strategy, reason)``.
     """
     if strategy != "auto":
         return strategy, "set in the config"
+    if on_cpu:
+        return "loop", ("on CPU a larger forward does not cost less per image, so the "
+                        "batch runs T times as it is")
     if batch_size < max_batch:
         return "tiled", (f"batch_size {batch_size} < max_batch {max_batch}, so each "
                          "forward carries more images when the T copies are tiled")
@@ -216,7 +227,8 @@ class MCSampler:
                 f"shape {list(sample_images.shape[1:])}: {plan.reason}. Use strategy "
                 "tiled or loop (MCDropout.strategy in a config), or auto, which falls "
                 "back to them.")
-        strategy, reason = resolve_strategy("auto", batch_size, self.max_batch)
+        strategy, reason = resolve_strategy("auto", batch_size, self.max_batch,
+                                            sample_images.place.is_cpu_place())
         return strategy, f"{reason}; prefix ruled out: {plan.reason}"
 
     def sample(self, images: paddle.Tensor, seed: Optional[int] = None) -> np.ndarray:

@@ -199,15 +199,12 @@ class TestUnsafeModels:
         paddle.seed(0)
         sampler = MCSampler(ResidualNet(), samples=4, strategy="auto", max_batch=64)
         strategy, reason = sampler.describe_strategy(5, images)
-        assert strategy == "tiled"
+        # The test images are on CPU, where auto's fallback is loop.
+        assert strategy == "loop"
+        assert reason.startswith("on CPU")
         assert "prefix ruled out" in reason
         assert "dropout" in reason
         assert sampler.sample(images).shape == (4, 5, 4)
-
-    def test_residual_branch_loop_fallback(self, images):
-        paddle.seed(0)
-        sampler = MCSampler(ResidualNet(), samples=4, strategy="auto", max_batch=4)
-        assert sampler.describe_strategy(5, images)[0] == "loop"
 
     def test_residual_branch_explicit_raises(self, images):
         paddle.seed(0)
@@ -221,7 +218,7 @@ class TestUnsafeModels:
         paddle.seed(0)
         sampler = MCSampler(CapturedBatchNet("token"), samples=4, strategy="auto")
         strategy, reason = sampler.describe_strategy(5, images)
-        assert strategy == "tiled"
+        assert strategy == "loop"
         assert "with one image" in reason
         with pytest.raises(ValueError, match="prefix cannot run"):
             MCSampler(CapturedBatchNet("token"), samples=4, strategy="prefix").sample(images)
@@ -231,7 +228,7 @@ class TestUnsafeModels:
         model = TwoInputNet()
         sampler = MCSampler(model, samples=4, strategy="auto", functional_dropout=["block"])
         strategy, reason = sampler.describe_strategy(5, images)
-        assert strategy == "tiled"
+        assert strategy == "loop"
         assert "gets 2 tensor inputs" in reason
         explicit = MCSampler(model, samples=4, strategy="prefix", functional_dropout=["block"])
         with pytest.raises(ValueError, match="gets 2 tensor inputs"):
@@ -243,7 +240,7 @@ class TestUnsafeModels:
         paddle.seed(0)
         sampler = MCSampler(CapturedBatchNet("reshape", empty_fails=True), samples=4)
         strategy, reason = sampler.describe_strategy(5, images)
-        assert strategy == "tiled"
+        assert strategy == "loop"
         assert "empty batch" in reason
 
 

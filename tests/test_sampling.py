@@ -81,11 +81,20 @@ def test_tiled_forward_size_bounded(small_net, images):
 
 
 class TestResolveStrategy:
-    def test_auto_small_batch_tiles(self):
+    def test_auto_small_batch_tiles_off_cpu(self):
         assert resolve_strategy("auto", 8, 64)[0] == "tiled"
 
-    def test_auto_large_batch_loops(self):
+    def test_auto_large_batch_loops_off_cpu(self):
         assert resolve_strategy("auto", 64, 64)[0] == "loop"
+
+    def test_auto_loops_on_cpu_whatever_the_batch(self):
+        for batch_size in (1, 8, 64, 128):
+            strategy, reason = resolve_strategy("auto", batch_size, 64, on_cpu=True)
+            assert strategy == "loop"
+            assert reason.startswith("on CPU")
+
+    def test_explicit_tiled_kept_on_cpu(self):
+        assert resolve_strategy("tiled", 8, 64, on_cpu=True) == ("tiled", "set in the config")
 
     def test_explicit_kept(self):
         assert resolve_strategy("loop", 8, 64) == ("loop", "set in the config")
