@@ -39,10 +39,12 @@ import ctypes
 import dataclasses
 import io
 import os
+import queue
 import re
 import signal
 import stat
 import sys
+import threading
 import warnings
 
 import cv2
@@ -57,6 +59,7 @@ __all__ = [
     "ImageDecodeError",
     "ImageFolderDataset",
     "ImageList",
+    "PrefetchLoader",
     "build_loader",
     "collate_records",
     "decode_image",
@@ -703,21 +706,23 @@ class _IndexBatches(paddle.io.BatchSampler):
 
 
 def build_loader(dataset, batch_size, num_workers=0, batches=None):
-    """Build an in-order ``paddle.io.DataLoader`` that batches with ``collate_records``.
+    """Build an in-order loader that batches with ``collate_records``.
 
     Args:
         dataset: an ``ImageFolderDataset``.
         batch_size: images per batch. The last batch may be smaller.
         num_workers: worker processes for reading and preprocessing. With 0,
-            the main process reads the images.
+            one thread of the main process reads the images, one batch ahead.
         batches: lists of dataset indices, one list per batch, to load in
             place of every item in order. Resuming uses it to load only the
             batches that are not finished.
 
     Returns:
-        A ``paddle.io.DataLoader``. Each batch is the dict from
-        ``collate_records``, with ``"images"`` and ``"indices"`` converted to
-        paddle Tensors by the loader.
+        An iterable with ``len``, ``batch_size`` and ``num_workers``: a
+        ``paddle.io.DataLoader`` when ``num_workers`` > 0, else a
+        ``PrefetchLoader``. Each batch is the dict from ``collate_records``,
+        with its arrays (``"images"``, ``"indices"``, ``"labels"``) converted
+        to paddle Tensors.
 
     Raises:
         ValueError: when ``batch_size`` < 1 or ``num_workers`` < 0.
@@ -728,21 +733,93 @@ def build_loader(dataset, batch_size, num_workers=0, batches=None):
         raise ValueError(f"num_workers must be an integer >= 0, got {num_workers!r}.")
 
     if batches is None:
-        sampling = {"batch_size": batch_size, "shuffle": False, "drop_last": False}
+        batch_sampler = paddle.io.BatchSampler(dataset, batch_size=batch_size, shuffle=False,
+                                               drop_last=False)
     else:
-        sampling = {"batch_sampler": _IndexBatches(batches, batch_size)}
+        batch_sampler = _IndexBatches(batches, batch_size)
+    if num_workers == 0:
+        return PrefetchLoader(dataset, batch_sampler)
     return paddle.io.DataLoader(
         dataset,
         num_workers=num_workers,
         collate_fn=collate_records,
+        batch_sampler=batch_sampler,
         # With paddle 3.3.1, the shared-memory transfer from worker processes
         # fails on a zero-size array ("Tensor holds no memory") and the loader
         # hangs. A batch of only failed images has such arrays. Without shared
         # memory, batches are pickled through a queue, which is slower.
         use_shared_memory=False,
         worker_init_fn=_exit_with_parent,
-        **sampling,
     )
+
+
+class PrefetchLoader:
+    """Batches read by one background thread of this process, one batch ahead.
+
+    This is the loader for ``num_workers`` 0. The thread reads and collates
+    the next batch while the main thread runs the model on the current one,
+    and the arrays become paddle Tensors in the main thread. Paddle's own
+    single-process ``DataLoader`` keeps several converted batches in flight,
+    and with it the peak memory of a run kept rising with the image count
+    (docs/benchmarks.md).
+
+    Args:
+        dataset: an ``ImageFolderDataset``.
+        batch_sampler: yields the lists of dataset indices of each batch and
+            has ``batch_size``.
+    """
+
+    num_workers = 0
+
+    def __init__(self, dataset, batch_sampler):
+        self.dataset = dataset
+        self.batch_sampler = batch_sampler
+        self.batch_size = batch_sampler.batch_size
+
+    def __len__(self):
+        return len(self.batch_sampler)
+
+    def __iter__(self):
+        ready = queue.Queue(maxsize=1)
+        stop = threading.Event()
+        thread = threading.Thread(target=self._read, args=(ready, stop), daemon=True,
+                                  name="paddleclas_mc-reader")
+        thread.start()
+        try:
+            while True:
+                kind, value = ready.get()
+                if kind == "end":
+                    return
+                if kind == "error":
+                    raise value
+                yield {key: paddle.to_tensor(item) if isinstance(item, np.ndarray) else item
+                       for key, item in value.items()}
+        finally:
+            # A consumer that stops early (an error, a break) lets the thread
+            # end after the batch it is reading.
+            stop.set()
+
+    def _read(self, ready, stop):
+        try:
+            for indices in self.batch_sampler:
+                batch = collate_records([self.dataset[index] for index in indices])
+                if not _put_unless_stopped(ready, ("batch", batch), stop):
+                    return
+        except Exception as error:  # raised again in the main thread
+            _put_unless_stopped(ready, ("error", error), stop)
+            return
+        _put_unless_stopped(ready, ("end", None), stop)
+
+
+def _put_unless_stopped(ready, item, stop):
+    """Put ``item`` on the queue, giving up once ``stop`` is set. Returns whether it was put."""
+    while not stop.is_set():
+        try:
+            ready.put(item, timeout=0.1)
+            return True
+        except queue.Full:
+            continue
+    return False
 
 
 def _exit_with_parent(worker_id):

@@ -19,6 +19,7 @@ from tqdm import tqdm
 from . import distributed, integration
 from .config import parse_infer_section, parse_mc_section, path_value
 from .dataset import ImageFolderDataset, build_loader, list_images
+from .memory import configure_heap, release_free_memory
 from .output import (build_records, check_class_id_map, encode_json_line, error_record,
                      load_class_id_map, write_bytes_atomic, write_json_atomic)
 from .resume import (SUMMARY_FILE, ResumeState, absorb_stale_shards, build_run_record,
@@ -404,10 +405,15 @@ def run_infer(config, config_path=None):
         The summary dict, on every rank. It counts every record in
         ``predictions.jsonl``, including those kept from an earlier run when
         resuming.
+
+    On glibc this fixes the process's mmap threshold (see
+    ``paddleclas_mc.memory``), so that peak memory does not grow with the
+    image count.
     """
     logger = integration.get_logger()
     started = time.time()
     ranks = distributed.current_ranks()
+    configure_heap()
 
     run, dataset, device, strategy = _prepare(config, ranks)
     infer = run.infer
@@ -452,6 +458,7 @@ def run_infer(config, config_path=None):
                                   batches=[indices for _, indices in batches])
             progress = tqdm(loader, total=len(loader), desc="infer", unit="batch", disable=None)
             for (batch_index, _), batch in zip(batches, progress):
+                release_free_memory()
                 records = [record for record in _predict_batch(batch, batch_index, run)
                            if record["file_name"] not in state.done]
                 for record in records:
@@ -545,6 +552,7 @@ def _infer_my_batches(run, dataset, plan, shard, ranks):
         progress = tqdm(loader, total=len(loader), desc=f"infer, {ranks.label}",
                         unit="batch", disable=None)
         for (batch_index, _, skipped), batch in zip(plan, progress):
+            release_free_memory()
             skipped_names = {run.paths[index] for index in skipped}
             records = [record for record in _predict_batch(batch, batch_index, run)
                        if record["file_name"] not in skipped_names]

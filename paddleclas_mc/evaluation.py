@@ -21,6 +21,7 @@ from .dataset import build_loader
 from .engine import (amp_level, batch_seed, build_inference_model, describe_strategy,
                      printable, probe_num_classes, set_device)
 from .labelled_dataset import build_eval_loader
+from .memory import configure_heap, release_free_memory
 from .metrics import (Brier, CalibrationError, MisclassificationDetection, NLL,
                       SelectivePrediction, TopkAcc, build_metrics)
 from .output import write_json_atomic
@@ -255,10 +256,13 @@ def run_eval(config, config_path=None):
 
     Returns:
         The dict written to ``metrics.json``, on every rank.
+
+    On glibc this fixes the process's mmap threshold, as ``run_infer`` does.
     """
     logger = integration.get_logger()
     started = time.time()
     ranks = distributed.current_ranks()
+    configure_heap()
 
     mc = parse_mc_section(config)
     device = set_device(config, ranks)
@@ -300,6 +304,7 @@ def run_eval(config, config_path=None):
         progress = tqdm(my_loader, total=len(my_loader), desc=desc, unit="batch", disable=None)
         checked = num_classes is not None
         for batch_index, batch in zip(batch_indices, progress):
+            release_free_memory()
             for index, message in batch["errors"]:
                 failed.append((int(index), dataset.paths[int(index)], message))
                 if ranks.world_size == 1:

@@ -29,6 +29,7 @@ from . import __version__, integration
 from .config import parse_infer_section, parse_mc_section, path_value
 from .dataset import ImageFolderDataset, build_loader, list_images
 from .engine import batch_seed, printable
+from .memory import configure_heap, release_free_memory
 from .output import (PredictionWriter, build_records, check_class_id_map, error_record,
                      load_class_id_map, write_json_atomic)
 from .sampling import seeded
@@ -271,9 +272,12 @@ def run_predict(config, config_path=None):
         ValueError: on an invalid config, and on ``Infer.resume``, which this
             tool does not support.
         FileNotFoundError: when the model or label file is missing.
+
+    On glibc this fixes the process's mmap threshold, as ``run_infer`` does.
     """
     logger = integration.get_logger()
     started = time.time()
+    configure_heap()
     infer = parse_infer_section(config)
     mc = parse_mc_section(config)
     if infer.resume:
@@ -302,6 +306,7 @@ def run_predict(config, config_path=None):
         loader = build_loader(dataset, infer.batch_size, infer.num_workers)
         progress = tqdm(loader, total=len(loader), desc="predict", unit="batch", disable=None)
         for batch_index, batch in enumerate(progress):
+            release_free_memory()
             records = _predict_batch(run, batch, batch_index)
             for record in records:
                 if "error" in record:

@@ -4,10 +4,12 @@ import io
 import os
 import subprocess
 import sys
+import threading
 import time
 
 import cv2
 import numpy as np
+import paddle
 import pytest
 from PIL import Image
 
@@ -16,6 +18,7 @@ from paddleclas_mc.dataset import (
     IMAGE_EXTENSIONS,
     ImageDecodeError,
     ImageFolderDataset,
+    PrefetchLoader,
     build_loader,
     collate_records,
     decode_image,
@@ -775,3 +778,47 @@ def test_label_list_as_infer_imgs_points_to_infer_list(tmp_path):
     (tmp_path / "val_list.txt").write_text("a.png 0\n")
     with pytest.raises(ValueError, match="Infer.infer_list"):
         list_images(str(tmp_path / "val_list.txt"))
+
+
+class TestPrefetchLoader:
+    def test_single_process_uses_it(self, loader_folder):
+        data = ImageFolderDataset(loader_folder[0], FIXED_SIZE_TRANSFORMS)
+        loader = build_loader(data, batch_size=3)
+
+        assert isinstance(loader, PrefetchLoader)
+        assert (len(loader), loader.batch_size, loader.num_workers) == (3, 3, 0)
+
+    def test_same_batches_as_worker_processes(self, loader_folder):
+        data = ImageFolderDataset(loader_folder[0], FIXED_SIZE_TRANSFORMS)
+        threaded = list(build_loader(data, batch_size=3))
+        workers = list(build_loader(data, batch_size=3, num_workers=2))
+
+        assert len(threaded) == len(workers)
+        for ours, theirs in zip(threaded, workers):
+            assert isinstance(ours["images"], paddle.Tensor)
+            assert ours["images"].dtype == theirs["images"].dtype
+            assert np.array_equal(ours["images"].numpy(), theirs["images"].numpy())
+            assert ours["indices"].numpy().tolist() == theirs["indices"].numpy().tolist()
+            assert ours["errors"] == theirs["errors"]
+
+    def test_reader_error_reaches_the_caller(self, tmp_path):
+        paths = [write_bytes(tmp_path / "small.png", png_bytes(height=6, width=7)),
+                 write_bytes(tmp_path / "large.png", png_bytes(height=9, width=7))]
+        # Without a fixed-size op the two images cannot be stacked.
+        data = ImageFolderDataset(paths, [{"DecodeImage": None}])
+
+        with pytest.raises(ValueError, match="differ in shape"):
+            list(build_loader(data, batch_size=2))
+
+    def test_reader_stops_when_the_caller_stops(self, loader_folder):
+        data = ImageFolderDataset(loader_folder[0] * 4, FIXED_SIZE_TRANSFORMS)
+        iterator = iter(build_loader(data, batch_size=2))
+        next(iterator)
+        iterator.close()
+
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and any(
+                thread.name == "paddleclas_mc-reader" for thread in threading.enumerate()):
+            time.sleep(0.05)
+        assert not any(thread.name == "paddleclas_mc-reader"
+                       for thread in threading.enumerate())
