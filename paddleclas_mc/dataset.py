@@ -39,12 +39,10 @@ import ctypes
 import dataclasses
 import io
 import os
-import queue
 import re
 import signal
 import stat
 import sys
-import threading
 import warnings
 
 import cv2
@@ -59,7 +57,7 @@ __all__ = [
     "ImageDecodeError",
     "ImageFolderDataset",
     "ImageList",
-    "PrefetchLoader",
+    "InProcessLoader",
     "build_loader",
     "collate_records",
     "decode_image",
@@ -712,7 +710,7 @@ def build_loader(dataset, batch_size, num_workers=0, batches=None):
         dataset: an ``ImageFolderDataset``.
         batch_size: images per batch. The last batch may be smaller.
         num_workers: worker processes for reading and preprocessing. With 0,
-            one thread of the main process reads the images, one batch ahead.
+            the main process reads each batch when it is needed.
         batches: lists of dataset indices, one list per batch, to load in
             place of every item in order. Resuming uses it to load only the
             batches that are not finished.
@@ -720,7 +718,7 @@ def build_loader(dataset, batch_size, num_workers=0, batches=None):
     Returns:
         An iterable with ``len``, ``batch_size`` and ``num_workers``: a
         ``paddle.io.DataLoader`` when ``num_workers`` > 0, else a
-        ``PrefetchLoader``. Each batch is the dict from ``collate_records``,
+        ``InProcessLoader``. Each batch is the dict from ``collate_records``,
         with its arrays (``"images"``, ``"indices"``, ``"labels"``) converted
         to paddle Tensors.
 
@@ -738,7 +736,7 @@ def build_loader(dataset, batch_size, num_workers=0, batches=None):
     else:
         batch_sampler = _IndexBatches(batches, batch_size)
     if num_workers == 0:
-        return PrefetchLoader(dataset, batch_sampler)
+        return InProcessLoader(dataset, batch_sampler)
     return paddle.io.DataLoader(
         dataset,
         num_workers=num_workers,
@@ -753,15 +751,15 @@ def build_loader(dataset, batch_size, num_workers=0, batches=None):
     )
 
 
-class PrefetchLoader:
-    """Batches read by one background thread of this process, one batch ahead.
+class InProcessLoader:
+    """Batches read in this process, each right before the model needs it.
 
-    This is the loader for ``num_workers`` 0. The thread reads and collates
-    the next batch while the main thread runs the model on the current one,
-    and the arrays become paddle Tensors in the main thread. Paddle's own
-    single-process ``DataLoader`` keeps several converted batches in flight,
-    and with it the peak memory of a run kept rising with the image count
-    (docs/benchmarks.md).
+    This is the loader for ``num_workers`` 0: no thread and no queue, so
+    only the batch in use is in memory, and arrays become paddle Tensors as
+    each batch is handed over. Paddle's own single-process ``DataLoader``
+    keeps several converted batches in flight on a reader thread, and with it
+    the peak memory of a run rose with the image count (docs/benchmarks.md).
+    Reading no longer overlaps the model; ``num_workers`` > 0 overlaps them.
 
     Args:
         dataset: an ``ImageFolderDataset``.
@@ -780,46 +778,10 @@ class PrefetchLoader:
         return len(self.batch_sampler)
 
     def __iter__(self):
-        ready = queue.Queue(maxsize=1)
-        stop = threading.Event()
-        thread = threading.Thread(target=self._read, args=(ready, stop), daemon=True,
-                                  name="paddleclas_mc-reader")
-        thread.start()
-        try:
-            while True:
-                kind, value = ready.get()
-                if kind == "end":
-                    return
-                if kind == "error":
-                    raise value
-                yield {key: paddle.to_tensor(item) if isinstance(item, np.ndarray) else item
-                       for key, item in value.items()}
-        finally:
-            # A consumer that stops early (an error, a break) lets the thread
-            # end after the batch it is reading.
-            stop.set()
-
-    def _read(self, ready, stop):
-        try:
-            for indices in self.batch_sampler:
-                batch = collate_records([self.dataset[index] for index in indices])
-                if not _put_unless_stopped(ready, ("batch", batch), stop):
-                    return
-        except Exception as error:  # raised again in the main thread
-            _put_unless_stopped(ready, ("error", error), stop)
-            return
-        _put_unless_stopped(ready, ("end", None), stop)
-
-
-def _put_unless_stopped(ready, item, stop):
-    """Put ``item`` on the queue, giving up once ``stop`` is set. Returns whether it was put."""
-    while not stop.is_set():
-        try:
-            ready.put(item, timeout=0.1)
-            return True
-        except queue.Full:
-            continue
-    return False
+        for indices in self.batch_sampler:
+            batch = collate_records([self.dataset[index] for index in indices])
+            yield {key: paddle.to_tensor(value) if isinstance(value, np.ndarray) else value
+                   for key, value in batch.items()}
 
 
 def _exit_with_parent(worker_id):

@@ -72,3 +72,16 @@ def test_rewrite_keeps_hand_written_part(smoke_run, tmp_path):
     assert "old numbers" not in text
     assert text.startswith("# Benchmarks: MC Dropout sampling strategies")
     assert text.endswith("\n## Notes\n\nKept.\n")
+
+
+def test_memory_only_prints_memory_section():
+    completed = subprocess.run(
+        [sys.executable, BENCH, "--smoke", "--memory-only", "--memory-workers", "1"],
+        capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    text = completed.stdout
+    assert text.startswith("# Benchmarks: peak memory over the image count")
+    assert "`Infer.num_workers: 1`" in text
+    assert "worker processes' peak RSS" in text
+    assert "- Peak memory over 16 images differs by" in text
+    assert "## Wall time" not in text

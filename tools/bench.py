@@ -104,6 +104,15 @@ def build_arg_parser():
                         help="MALLOC_MMAP_THRESHOLD_ in bytes for a second memory check over "
                              "the smallest and largest counts; 0 (the default) skips it")
     parser.add_argument("--memory-samples", type=int, default=30, help="T of the memory check")
+    parser.add_argument("--memory-repeats", type=int, default=3,
+                        help="fresh subprocesses per image count in the memory check; the "
+                             "report compares their medians, since one process's peak "
+                             "varies by a few percent from run to run")
+    parser.add_argument("--memory-workers", type=int, default=0,
+                        help="Infer.num_workers of the memory check; with more than 0 the "
+                             "worker processes' peak RSS is reported as well")
+    parser.add_argument("--memory-only", action="store_true",
+                        help="run only the memory check and print its section")
 
     parser.add_argument("--target-models", nargs="+",
                         default=["PPLCNet_x1_0", "MobileNetV3_large_x1_0"],
@@ -128,9 +137,10 @@ def build_arg_parser():
                         help="Markdown report path (default docs/benchmarks.md, or only "
                              "stdout with --smoke)")
     parser.add_argument("--json", default=None, help="also write the raw results to this path")
-    parser.add_argument("--from-json", default=None,
+    parser.add_argument("--from-json", nargs="+", default=None,
                         help="write the report from raw results saved with --json, "
-                             "without measuring again")
+                             "without measuring again; with several files, a configuration "
+                             "measured again in a later file replaces the earlier result")
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     return parser
 
@@ -272,8 +282,9 @@ def run_memory_job(job):
         "Infer": {
             "infer_imgs": job["images_dir"],
             "batch_size": job["batch_size"],
-            # Workers would be child processes, which ru_maxrss of this one leaves out.
-            "num_workers": 0,
+            # Worker processes are children, which ru_maxrss of this process
+            # leaves out, so their peak is read apart.
+            "num_workers": job.get("num_workers", 0),
             "transforms": _infer_transforms(job["image_size"]),
             "PostProcess": {"name": "Topk", "topk": 5},
             "save_dir": job["save_dir"],
@@ -283,8 +294,12 @@ def run_memory_job(job):
     }
     start = time.perf_counter()
     summary = run_infer(config)
-    return {"time_s": time.perf_counter() - start, "images": summary["images"],
-            "predicted": summary["predicted"], **_memory_fields()}
+    result = {"time_s": time.perf_counter() - start, "images": summary["images"],
+              "predicted": summary["predicted"], **_memory_fields()}
+    if job.get("num_workers"):
+        result["children_peak_rss_kib"] = resource.getrusage(
+            resource.RUSAGE_CHILDREN).ru_maxrss
+    return result
 
 
 def run_worker(jobs):
@@ -332,7 +347,7 @@ def _log(message, started):
 def _describe_job(job):
     if job["kind"] == "memory":
         threshold = job.get("mmap_threshold")
-        return f"memory check, {job['count']} images" + (
+        return f"memory check, {job['count']} images, run {job.get('repeat', 0) + 1}" + (
             f", MALLOC_MMAP_THRESHOLD_={threshold}" if threshold else "")
     if job["strategy"] == "single":
         return f"{job['model']} single pass"
@@ -395,10 +410,13 @@ def _memory_jobs(args, workdir):
         job = {"kind": "memory", "model": args.memory_model, "count": count,
                "images_dir": folder, "samples": args.memory_samples,
                "batch_size": args.batch_size, "image_size": args.image_size,
-               "max_batch": args.max_batch, "device": args.device, "mmap_threshold": None}
-        jobs.append(job)
-        if args.memory_mmap_threshold and count in (min(args.memory_images), many):
-            jobs.append({**job, "mmap_threshold": args.memory_mmap_threshold})
+               "max_batch": args.max_batch, "device": args.device, "mmap_threshold": None,
+               "num_workers": args.memory_workers}
+        for repeat in range(1 if args.smoke else args.memory_repeats):
+            jobs.append({**job, "repeat": repeat})
+            if args.memory_mmap_threshold and count in (min(args.memory_images), many):
+                jobs.append({**job, "repeat": repeat,
+                             "mmap_threshold": args.memory_mmap_threshold})
     for index, job in enumerate(jobs):
         job["save_dir"] = os.path.join(workdir, f"out_{index}")
     return jobs
@@ -407,7 +425,8 @@ def _memory_jobs(args, workdir):
 def run_benchmark(args):
     """Run every job and return ``{"results": [...], "skipped": [...]}``."""
     started = time.time()
-    singles, strategy_jobs, skipped = plan_jobs(args)
+    singles, strategy_jobs, skipped = ([], {model: [] for model in args.models}, []) \
+        if args.memory_only else plan_jobs(args)
     with tempfile.TemporaryDirectory(prefix="paddleclas_mc_bench_") as workdir:
         memory_jobs = _memory_jobs(args, workdir)
 
@@ -524,11 +543,13 @@ class Report:
             if "error" in result:
                 self.errors.append(result)
             elif job["kind"] == "memory":
-                self.memory[(job["count"], job.get("mmap_threshold"))] = result
+                self.memory.setdefault((job["count"], job.get("mmap_threshold")), []).append(
+                    result)
             elif job["strategy"] == "single":
                 self.single[job["model"]] = result
             else:
                 self.measured[(job["model"], job["strategy"], job["samples"])] = result
+        self.memory = {key: _median_result(runs) for key, runs in self.memory.items()}
         self.skipped = {(item["job"]["model"], item["job"]["strategy"], item["job"]["samples"]):
                         item for item in data["skipped"]}
 
@@ -593,6 +614,15 @@ def _auto_lines(report):
     return lines
 
 
+def _median_result(runs):
+    """Return the medians of repeated memory runs, with every run's peak RSS in ``peaks``."""
+    merged = {"images": runs[0]["images"], "peaks": [run["peak_rss_kib"] for run in runs]}
+    for field in ("peak_rss_kib", "children_peak_rss_kib", "time_s"):
+        if all(field in run for run in runs):
+            merged[field] = statistics.median(run[field] for run in runs)
+    return merged
+
+
 def _memory_growth(report, threshold=None):
     """Return the relative change of peak RSS from the fewest to the most images, or None."""
     counts = report.args.memory_images
@@ -607,18 +637,21 @@ def _memory_lines(report):
     args = report.args
     counts = sorted(args.memory_images)
     threshold = args.memory_mmap_threshold
+    workers = getattr(args, "memory_workers", 0)
     lines = [
         f"MC inference through `paddleclas_mc.engine.run_infer` with {args.memory_model}, "
         f"T={args.memory_samples}, `MCDropout.strategy: auto`, batch {args.batch_size}, "
-        f"`Infer.num_workers: 0` and `Infer.save_dir` set, over generated JPEGs "
+        f"`Infer.num_workers: {workers}` and `Infer.save_dir` set, over generated JPEGs "
         f"preprocessed to {args.image_size}x{args.image_size}. "
         + ("With --smoke all counts run in one subprocess, smallest first."
            if args.smoke else "Each run is a fresh subprocess."),
         "",
         f"| Images | peak RSS / peak RSS with {counts[0]} images, engine's heap settings"
         + (f" | same, `MALLOC_MMAP_THRESHOLD_={threshold}`" if threshold else "")
+        + " | peak RSS, MiB, each run"
+        + (f" | worker processes' peak RSS / same with {counts[0]} images" if workers else "")
         + f" | images/s / images/s with {counts[0]} images |",
-        "|---|---|---|" + ("---|" if threshold else ""),
+        "|---|---|---|---|" + ("---|" if threshold else "") + ("---|" if workers else ""),
     ]
     columns = [None] + ([threshold] if threshold else [])
     for count in counts:
@@ -632,6 +665,12 @@ def _memory_lines(report):
                 continue
             row.append(_format_ratio(result["peak_rss_kib"] / reference["peak_rss_kib"], 3))
         result, reference = report.memory.get((count, None)), report.memory.get((counts[0], None))
+        row.append("n/a" if result is None else
+                   f"{min(result['peaks']) / 1024:.0f} to {max(result['peaks']) / 1024:.0f} "
+                   f"({len(result['peaks'])} runs)")
+        if workers:
+            row.append("n/a" if result is None or reference is None else _format_ratio(
+                result["children_peak_rss_kib"] / reference["children_peak_rss_kib"], 3))
         if result is None or reference is None:
             row.append("n/a")
         else:
@@ -644,7 +683,7 @@ def _memory_lines(report):
         "threshold reaches, and returns the free heap after each batch "
         "(`paddleclas_mc.memory`); a `MALLOC_MMAP_THRESHOLD_` in the environment is kept. "
         "Images/s includes start-up, model build and the probe, which weigh more in the "
-        "shorter run.",
+        "shorter run. Ratios compare the medians of the runs.",
     ]
     return lines
 
@@ -693,7 +732,12 @@ def _check_lines(report):
                      f"tiled in forwards of {args.max_batch} images and loop in forwards of "
                      f"{args.batch_size}, so above 1 a forward of {args.max_batch} images "
                      "costs more per image on this machine.")
+    return lines + _memory_check_lines(report)
 
+
+def _memory_check_lines(report):
+    args = report.args
+    lines = []
     few, many = min(args.memory_images), max(args.memory_images)
     for threshold in [None] + ([args.memory_mmap_threshold] if args.memory_mmap_threshold else []):
         growth = _memory_growth(report, threshold)
@@ -720,11 +764,33 @@ def _load_line(data):
             "jobs that ran then.")
 
 
+def _origin_lines(context, data):
+    commands = context.get("commands", [context["command"]])
+    if len(commands) == 1:
+        intro = (f"Generated by `tools/bench.py` on {context['date']}; the whole run took "
+                 f"{data['wall_time_s'] / 60:.1f} min. Every number on this page comes from "
+                 "this command:")
+    else:
+        intro = (f"Generated by `tools/bench.py` from {len(commands)} runs that took "
+                 f"{data['wall_time_s'] / 60:.1f} min together, the first on "
+                 f"{context['date']}. Every number on this page comes from these commands; "
+                 "where a later run measured a configuration again, its result replaces "
+                 "the earlier one (the single pass of each model is kept from the first "
+                 "run):")
+    return [intro, "", "```bash", *commands, "```"]
+
+
 def render_markdown(data):
     """Return the report as Markdown."""
     context = data["context"]
     args = argparse.Namespace(**context["args"])
     report = Report(data, args)
+    if getattr(args, "memory_only", False):
+        return "\n".join([
+            "# Benchmarks: peak memory over the image count", "",
+            f"Generated by `tools/bench.py` on {context['date']} with this command:", "",
+            "```bash", context["command"], "```", "",
+            *_memory_lines(report), "", *_memory_check_lines(report)]) + "\n"
     versions = context["versions"]
     memory = f", {context['memory_gib']:.0f} GiB memory" if context["memory_gib"] else ""
     gpu_build = versions["paddlepaddle-gpu"]
@@ -735,13 +801,7 @@ def render_markdown(data):
     lines = [
         "# Benchmarks: MC Dropout sampling strategies",
         "",
-        f"Generated by `tools/bench.py` on {context['date']}; the whole run "
-        f"took {data['wall_time_s'] / 60:.1f} min. Every number on this page comes from this "
-        "command:",
-        "",
-        "```bash",
-        context["command"],
-        "```",
+        *_origin_lines(context, data),
         "",
         "## Machine and versions",
         "",
@@ -811,6 +871,40 @@ def render_markdown(data):
     return "\n".join(lines) + "\n"
 
 
+def _job_key(job):
+    if job["kind"] == "memory":
+        return ("memory", job["count"], job.get("mmap_threshold"), job.get("repeat", 0))
+    return (job["model"], job["strategy"], job.get("samples"))
+
+
+def merge_runs(runs):
+    """Merge saved runs into one report's data, in the order given.
+
+    A configuration measured again in a later run replaces the earlier result,
+    except the single pass, whose first result stays the reference of its
+    model. The page then lists every run's command.
+    """
+    if len(runs) == 1:
+        return runs[0]
+    merged = {}
+    for run in runs:
+        for result in run["results"]:
+            key = _job_key(result["job"])
+            if key in merged and result["job"].get("strategy") == "single":
+                continue
+            merged[key] = result
+    skipped = {}
+    for run in runs:
+        for item in run["skipped"]:
+            key = _job_key(item["job"])
+            if key not in merged:
+                skipped[key] = item
+    context = dict(runs[0]["context"])
+    context["commands"] = [run["context"]["command"] for run in runs]
+    return {"results": list(merged.values()), "skipped": list(skipped.values()),
+            "wall_time_s": sum(run["wall_time_s"] for run in runs), "context": context}
+
+
 def write_report(path, markdown):
     """Write the report to ``path``, keeping the hand-written part of the file there."""
     hand_written = "\n"
@@ -830,11 +924,15 @@ def main(argv=None):
         return run_worker(json.loads(args.worker))
     if args.smoke:
         apply_smoke(args)
-    output = args.output or (None if args.smoke else os.path.join(ROOT, "docs", "benchmarks.md"))
+    output = args.output or (None if args.smoke or args.memory_only
+                             else os.path.join(ROOT, "docs", "benchmarks.md"))
 
     if args.from_json:
-        with open(args.from_json, encoding="utf-8") as file:
-            data = json.load(file)
+        runs = []
+        for path in args.from_json:
+            with open(path, encoding="utf-8") as file:
+                runs.append(json.load(file))
+        data = merge_runs(runs)
     else:
         data = run_benchmark(args)
         data["context"] = _run_context(args, argv)
