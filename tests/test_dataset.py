@@ -789,18 +789,18 @@ class TestInProcessLoader:
 
     def test_same_batches_as_worker_processes(self, loader_folder):
         data = ImageFolderDataset(loader_folder[0], FIXED_SIZE_TRANSFORMS)
-        threaded = list(build_loader(data, batch_size=3))
+        in_process = list(build_loader(data, batch_size=3))
         workers = list(build_loader(data, batch_size=3, num_workers=2))
 
-        assert len(threaded) == len(workers)
-        for ours, theirs in zip(threaded, workers):
+        assert len(in_process) == len(workers)
+        for ours, theirs in zip(in_process, workers):
             assert isinstance(ours["images"], paddle.Tensor)
             assert ours["images"].dtype == theirs["images"].dtype
             assert np.array_equal(ours["images"].numpy(), theirs["images"].numpy())
             assert ours["indices"].numpy().tolist() == theirs["indices"].numpy().tolist()
             assert ours["errors"] == theirs["errors"]
 
-    def test_reader_error_reaches_the_caller(self, tmp_path):
+    def test_collate_error_reaches_caller(self, tmp_path):
         paths = [write_bytes(tmp_path / "small.png", png_bytes(height=6, width=7)),
                  write_bytes(tmp_path / "large.png", png_bytes(height=9, width=7))]
         # Without a fixed-size op the two images cannot be stacked.
