@@ -717,7 +717,7 @@ def build_loader(dataset, batch_size, num_workers=0, batches=None):
 
     Returns:
         An iterable with ``len``, ``batch_size`` and ``num_workers``: a
-        ``paddle.io.DataLoader`` when ``num_workers`` > 0, else a
+        ``paddle.io.DataLoader`` when ``num_workers`` > 0, else an
         ``InProcessLoader``. Each batch is the dict from ``collate_records``,
         with its arrays (``"images"``, ``"indices"``, ``"labels"``) converted
         to paddle Tensors.

@@ -3,10 +3,11 @@
 By default glibc raises its mmap threshold each time a large block is freed,
 up to 32 MiB on 64-bit systems, and keeps more of the freed heap as the
 threshold grows (mallopt(3)). Over a run's first batches the resident size
-then drifts up, so a run over 2,000 images peaked about 20 % higher than one
-over 200 (docs/benchmarks.md). ``configure_heap`` fixes the threshold at that
-final value from the start, and ``release_free_memory``, called after each
-batch, returns the heap's free pages. Without glibc both do nothing.
+then drifts up, so a run over 2,000 images peaked 18 % higher than one over
+200 (docs/benchmarks.md). ``configure_heap`` fixes the threshold at that final
+value from the start. The engine calls ``release_free_memory`` at the start of
+each batch, which returns the pages the previous batch freed. Without glibc
+both do nothing.
 """
 
 import ctypes

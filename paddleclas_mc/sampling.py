@@ -76,7 +76,7 @@ def resolve_strategy(strategy, batch_size, max_batch, on_cpu=False):
     Args:
         strategy: the configured strategy; anything but ``auto`` is kept.
         batch_size: the number of images per batch.
-        max_batch: the most rows one tiled forward may carry.
+        max_batch: the max rows one tiled forward may carry.
         on_cpu: whether the forwards run on CPU. A CPU gains nothing from
             larger forwards, so ``auto`` loops there whatever the batch size.
 

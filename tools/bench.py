@@ -651,8 +651,9 @@ def _memory_lines(report):
         + " | peak RSS, MiB, each run"
         + (f" | worker processes' peak RSS / same with {counts[0]} images" if workers else "")
         + f" | images/s / images/s with {counts[0]} images |",
-        "|---|---|---|---|" + ("---|" if threshold else "") + ("---|" if workers else ""),
     ]
+    column_count = 4 + bool(threshold) + bool(workers)
+    lines.append("|" + "---|" * column_count)
     columns = [None] + ([threshold] if threshold else [])
     for count in counts:
         row = [str(count)]
